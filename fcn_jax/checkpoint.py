@@ -1,0 +1,93 @@
+"""Model-weight checkpoints (Orbax): one directory that describes itself.
+
+Layout of ``DIR``::
+
+    DIR/model.json   {"kind": ..., "model": {ModelConfig fields}, ...extra}
+    DIR/params/      Orbax PyTree checkpoint of the parameters (global arrays)
+
+Parameters are stored as global arrays, so a checkpoint restores onto any mesh:
+:func:`load_model` builds an abstract model whose leaves carry the target
+shardings and lets Orbax reshard on read. The directory is written under a
+temporary name and renamed only when complete, so a half-written checkpoint is
+never mistaken for a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from fcn_jax.config import ModelConfig, _build_section
+
+
+def save_model(directory: str | Path, model, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model``'s parameters and configuration to ``directory``."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).resolve()
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already exists; choose a new --out or remove it")
+    tmp = directory.with_name(directory.name + ".tmp-partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / "params", params)
+        ckptr.wait_until_finished()
+    meta = {"format": "fcn_jax.model/1", "kind": model.config.kind, "model": _model_dict(model.config)}
+    meta.update(extra or {})
+    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def _model_dict(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an fcn_jax model checkpoint: {path} is missing")
+    meta = json.loads(path.read_text())
+    return _build_section(ModelConfig, meta["model"], f"{path}: model")
+
+
+def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None = None):
+    """Restore a model saved by :func:`save_model`, sharded for ``mesh`` (or one device)."""
+    import orbax.checkpoint as ocp
+
+    from fcn_jax.model.afnonet import build_model, param_shardings
+    from fcn_jax.parallel.mesh import single_device_mesh
+
+    directory = Path(directory).resolve()
+    saved_cfg = read_model_config(directory)
+    cfg = model_cfg or saved_cfg
+    if model_cfg is not None:
+        # runtime switches may differ; the architecture may not
+        arch = lambda c: dataclasses.replace(c, compute_dtype="float32", remat=False)  # noqa: E731
+        if arch(model_cfg) != arch(saved_cfg):
+            raise ValueError(f"{directory}: saved model {saved_cfg} does not match the requested {model_cfg}")
+    mesh = mesh or single_device_mesh()
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    shardings = param_shardings(abstract_model, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)),
+        nnx.to_pure_dict(shardings),
+    )
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(directory / "params", target)
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,294 @@
+"""Import (and export) of the original FourCastNet PyTorch checkpoints.
+
+``load_torch_checkpoint(path, config, kind)`` returns an NNX model holding the
+original weights, ready for ``model(x)`` with ``x: [batch, lat, lon, channel]``.
+``python -m fcn_jax.convert CKPT --experiment NAME --out DIR`` writes them as an
+Orbax checkpoint that training, forecasting and evaluation load.
+
+The file is read with ``torch.load(..., weights_only=True)``: no pickled code
+runs. Accepted layouts are what the original tooling wrote: a dict with
+``model_state`` (or the legacy ``state_dict``), or a bare state dict; keys with
+or without the DistributedDataParallel ``module.`` prefix; the stray ``ged``
+key is ignored. Every key and shape is checked against the configuration
+before anything is built (model spec §8-§10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from fcn_jax.config import ModelConfig
+
+#: Keys the original loaders skip.
+IGNORED_KEYS = ("ged",)
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint does not match the expected FourCastNet layout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    torch_key: str
+    path: tuple  # path in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    torch_shape: tuple[int, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+def _ident(a):
+    return a
+
+
+def _transpose(a):
+    return a.T
+
+
+def _oihw_to_hwio(a):
+    return a.transpose(2, 3, 1, 0)
+
+
+def _hwio_to_oihw(a):
+    return a.transpose(3, 2, 0, 1)
+
+
+def _backbone_entries(cfg: ModelConfig, prefix: str, path: tuple) -> Iterator[_Entry]:
+    """The original AFNONet ``state_dict()`` keys, in their order (model spec §9)."""
+    E, M = cfg.embed_dim, cfg.mlp_hidden
+    lat, lon = cfg.token_grid
+    ph, pw = cfg.patch_size
+    nb, d = cfg.num_blocks, cfg.block_size
+    yield _Entry(
+        f"{prefix}pos_embed", (*path, "pos_embed"), (1, lat * lon, E),
+        lambda a: a.reshape(1, lat, lon, E), lambda a: a.reshape(1, lat * lon, E),
+    )
+    yield _Entry(f"{prefix}patch_embed.proj.weight", (*path, "patch_embed", "kernel"),
+                 (E, cfg.in_channels, ph, pw), _oihw_to_hwio, _hwio_to_oihw)
+    yield _Entry(f"{prefix}patch_embed.proj.bias", (*path, "patch_embed", "bias"), (E,), _ident, _ident)
+    for i in range(cfg.depth):
+        k, p = f"{prefix}blocks.{i}.", (*path, "blocks", i)
+        yield _Entry(k + "norm1.weight", (*p, "norm1", "scale"), (E,), _ident, _ident)
+        yield _Entry(k + "norm1.bias", (*p, "norm1", "bias"), (E,), _ident, _ident)
+        yield _Entry(k + "filter.w1", (*p, "filter", "w1"), (2, nb, d, d), _ident, _ident)
+        yield _Entry(k + "filter.b1", (*p, "filter", "b1"), (2, nb, d), _ident, _ident)
+        yield _Entry(k + "filter.w2", (*p, "filter", "w2"), (2, nb, d, d), _ident, _ident)
+        yield _Entry(k + "filter.b2", (*p, "filter", "b2"), (2, nb, d), _ident, _ident)
+        yield _Entry(k + "norm2.weight", (*p, "norm2", "scale"), (E,), _ident, _ident)
+        yield _Entry(k + "norm2.bias", (*p, "norm2", "bias"), (E,), _ident, _ident)
+        yield _Entry(k + "mlp.fc1.weight", (*p, "mlp", "fc1", "kernel"), (M, E), _transpose, _transpose)
+        yield _Entry(k + "mlp.fc1.bias", (*p, "mlp", "fc1", "bias"), (M,), _ident, _ident)
+        yield _Entry(k + "mlp.fc2.weight", (*p, "mlp", "fc2", "kernel"), (E, M), _transpose, _transpose)
+        yield _Entry(k + "mlp.fc2.bias", (*p, "mlp", "fc2", "bias"), (E,), _ident, _ident)
+    yield _Entry(f"{prefix}norm.weight", (*path, "norm", "scale"), (E,), _ident, _ident)
+    yield _Entry(f"{prefix}norm.bias", (*path, "norm", "bias"), (E,), _ident, _ident)
+    yield _Entry(f"{prefix}head.weight", (*path, "head", "kernel"), (ph * pw * cfg.out_channels, E),
+                 _transpose, _transpose)
+
+
+def checkpoint_layout(cfg: ModelConfig, kind: str) -> list[_Entry]:
+    """Every original key with its shape and its place in the Flax model."""
+    if kind == "backbone":
+        return list(_backbone_entries(cfg, "", ()))
+    if kind == "precip":
+        bb = dataclasses.replace(cfg, kind="backbone")
+        return [
+            *_backbone_entries(bb, "backbone.", ("backbone",)),
+            _Entry("conv.weight", ("conv_kernel",), (1, 1, 3, 3), _oihw_to_hwio, _hwio_to_oihw),
+            _Entry("conv.bias", ("conv_bias",), (1,), _ident, _ident),
+        ]
+    raise ValueError(f"kind must be 'backbone' or 'precip', got {kind!r}")
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            "reading PyTorch checkpoints needs torch (CPU build is enough): "
+            "pip install 'fcn_jax[torch]'  (or: pip install torch)"
+        ) from None
+    return torch
+
+
+def read_torch_state_dict(path: str | Path) -> "OrderedDict[str, np.ndarray]":
+    """The model state of an original checkpoint as float32 NumPy arrays, prefix stripped."""
+    torch = _import_torch()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or pickled objects outside the allow-list
+        raise CheckpointFormatError(
+            f"{path}: cannot be read with torch.load(weights_only=True): {e}. Only tensor "
+            "checkpoints are accepted; no pickled code is executed."
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, got {type(ckpt).__name__}")
+    if "model_state" in ckpt:
+        state = ckpt["model_state"]
+    elif "state_dict" in ckpt:
+        state = ckpt["state_dict"]
+    elif ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
+        state = ckpt  # a bare state dict
+    else:
+        raise CheckpointFormatError(
+            f"{path}: no 'model_state' (or legacy 'state_dict') entry; top-level keys: {sorted(ckpt)[:10]}"
+        )
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for key, tensor in state.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name in IGNORED_KEYS:
+            continue
+        if not hasattr(tensor, "detach"):
+            raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        out[name] = tensor.detach().to(torch.float32).numpy()
+    return out
+
+
+def state_dict_to_params(state: dict[str, np.ndarray], cfg: ModelConfig, kind: str, source: str = "checkpoint"):
+    """Check keys and shapes, then build the pure nested dict of Flax parameters."""
+    layout = checkpoint_layout(cfg, kind)
+    expected = {e.torch_key for e in layout}
+    missing = [e for e in layout if e.torch_key not in state]
+    extra = [k for k in state if k not in expected]
+    problems = []
+    for e in missing:
+        problems.append(f"missing key {e.torch_key!r} (expected shape {e.torch_shape})")
+    for k in extra:
+        problems.append(f"unexpected key {k!r} with shape {tuple(state[k].shape)}")
+    for e in layout:
+        if e.torch_key in state and tuple(state[e.torch_key].shape) != e.torch_shape:
+            problems.append(
+                f"key {e.torch_key!r} has shape {tuple(state[e.torch_key].shape)}, "
+                f"the configuration expects {e.torch_shape}"
+            )
+    if problems:
+        raise CheckpointFormatError(
+            f"{source} does not match the {kind} model "
+            f"(img_size={cfg.img_size}, patch={cfg.patch_size}, in={cfg.in_channels}, out={cfg.out_channels}, "
+            f"embed={cfg.embed_dim}, depth={cfg.depth}, blocks={cfg.num_blocks}):\n  - " + "\n  - ".join(problems)
+        )
+    params: dict = {}
+    for e in layout:
+        node = params
+        for p in e.path[:-1]:
+            node = node.setdefault(p, {})
+        node[e.path[-1]] = np.ascontiguousarray(e.to_flax(np.asarray(state[e.torch_key], np.float32)))
+    return params
+
+
+def model_from_params(params: dict, cfg: ModelConfig, kind: str):
+    """An NNX model (backbone or precip) holding ``params`` (pure nested dict)."""
+    import jax
+    from flax import nnx
+
+    from fcn_jax.model.afnonet import AFNONet, PrecipNet
+
+    cls = PrecipNet if kind == "precip" else AFNONet
+    model_cfg = dataclasses.replace(cfg, kind=kind)
+    # Build abstractly (no random init of 75 M parameters), then fill in.
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(model_cfg)))
+    state = nnx.to_pure_dict(abstract)
+    flat_ref = dict(_flatten(state))
+    flat_new = dict(_flatten(params))
+    if set(flat_ref) != set(flat_new):
+        raise CheckpointFormatError(
+            f"parameter tree mismatch: missing {sorted(set(flat_ref) - set(flat_new))[:5]}, "
+            f"extra {sorted(set(flat_new) - set(flat_ref))[:5]}"
+        )
+    for k, ref in flat_ref.items():
+        if tuple(ref.shape) != tuple(flat_new[k].shape):
+            raise CheckpointFormatError(f"parameter {'.'.join(map(str, k))}: shape {flat_new[k].shape}, expected {ref.shape}")
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jax.numpy.asarray, params))
+    return nnx.merge(graphdef, abstract)
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, (*prefix, k))
+    else:
+        yield prefix, tree
+
+
+def load_torch_checkpoint(path: str | Path, config: ModelConfig, kind: str = "backbone"):
+    """The NNX model (AFNONet or PrecipNet) holding an original checkpoint's weights.
+
+    ``config`` is the model configuration (``fcn_jax.config.ModelConfig`` or an
+    experiment's ``model`` section). The result runs on one device as is:
+    ``model(x)`` with ``x: [batch, lat, lon, in_channels]`` in normalised units.
+    """
+    if kind not in ("backbone", "precip"):
+        raise ValueError(f"kind must be 'backbone' or 'precip', got {kind!r}")
+    state = read_torch_state_dict(path)
+    params = state_dict_to_params(state, config, kind, source=str(path))
+    return model_from_params(params, config, kind)
+
+
+def to_torch_state_dict(model) -> "OrderedDict[str, np.ndarray]":
+    """The original's state dict (NumPy, original key order, no ``module.`` prefix)."""
+    from flax import nnx
+
+    cfg = model.config
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+    for e in checkpoint_layout(cfg, cfg.kind):
+        node = params
+        for p in e.path:
+            node = node[p]
+        out[e.torch_key] = np.ascontiguousarray(e.to_torch(np.asarray(node, np.float32)))
+    return out
+
+
+def save_torch_checkpoint(model, path: str | Path, ddp_prefix: bool = True) -> None:
+    """Write ``{'model_state': ...}`` as the original training script did (atomically)."""
+    torch = _import_torch()
+    prefix = "module." if ddp_prefix else ""
+    state = OrderedDict((prefix + k, torch.from_numpy(v)) for k, v in to_torch_state_dict(model).items())
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"iters": 0, "epoch": 0, "model_state": state}, tmp)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    from fcn_jax import checkpoint
+    from fcn_jax.config import ConfigError, load_experiment
+
+    ap = argparse.ArgumentParser(
+        prog="python -m fcn_jax.convert",
+        description="Convert an original FourCastNet PyTorch checkpoint (backbone.ckpt / precip.ckpt) "
+        "into an Orbax checkpoint for fcn_jax.",
+    )
+    ap.add_argument("ckpt", help="path to the .ckpt/.tar written by the original code")
+    ap.add_argument("--experiment", required=True, help="experiment name or YAML path giving the model config")
+    ap.add_argument("--out", required=True, help="output directory (must not exist)")
+    ap.add_argument("--kind", choices=["backbone", "precip"], default=None,
+                    help="default: the experiment's model.kind")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_experiment(args.experiment, args.overrides)
+        kind = args.kind or cfg.model.kind
+        model_cfg = dataclasses.replace(cfg.model, kind=kind, out_channels=1 if kind == "precip" else cfg.model.out_channels)
+        model = load_torch_checkpoint(args.ckpt, model_cfg, kind)
+        checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name})
+    except (ConfigError, CheckpointFormatError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from fcn_jax.model.afnonet import count_params
+
+    print(f"wrote {args.out}: {kind}, {count_params(model):,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Mesh axis names and the logical-to-mesh sharding rules: the one place they live.
+
+The device mesh has four named axes, outermost first::
+
+    data     samples of the global batch (data parallelism)
+    channel  the embedding / MLP features (channel or "tensor" parallelism)
+    height   latitude rows of the token grid (domain decomposition)
+    width    longitude columns of the token grid (domain decomposition)
+
+Model code never names a mesh axis directly. Every array dimension carries a
+*logical* name (``batch``, ``lat``, ``lon``, ``embed``, ``mlp``, ``blocks`` ...)
+and :data:`LOGICAL_RULES` maps those to mesh axes. Change the layout here and
+only here.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+CHANNEL = "channel"
+HEIGHT = "height"
+WIDTH = "width"
+
+#: Mesh axis names, outermost to innermost. ``height``/``width`` are innermost so
+#: that the spectral filter's all-to-alls stay between neighbouring devices.
+MESH_AXES: tuple[str, ...] = (DATA, CHANNEL, HEIGHT, WIDTH)
+
+#: Axes that split the spatial domain.
+SPATIAL_AXES: tuple[str, ...] = (HEIGHT, WIDTH)
+
+#: Axes that split one sample (everything but ``data``): the model-parallel group.
+MODEL_AXES: tuple[str, ...] = (CHANNEL, HEIGHT, WIDTH)
+
+#: Order in which the AFNO channel-block layout subdivides the channel slice: the
+#: first all-to-all runs over ``width``, the second over ``height``, so the block
+#: index of a spectral weight is split major-to-minor as (channel, width, height).
+SPECTRAL_BLOCK_AXES: tuple[str, ...] = (CHANNEL, WIDTH, HEIGHT)
+
+#: Logical dimension name -> mesh axis (or tuple of axes, major first, or None).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": DATA,
+    "lat": HEIGHT,  # latitude rows (pixels or tokens)
+    "lon": WIDTH,  # longitude columns (pixels or tokens)
+    "embed": CHANNEL,  # embedding features (768 in the published model)
+    "embed_full": None,  # embedding gathered over `channel` (input of fc1, output of fc2)
+    "mlp": CHANNEL,  # MLP hidden features (3072)
+    "blocks": SPECTRAL_BLOCK_AXES,  # AFNO block-diagonal blocks (8)
+    "reim": None,  # real / imaginary index of the spectral weights
+    "block_in": None,
+    "block_out": None,
+    "patch_row": None,
+    "patch_col": None,
+    "in_channel": None,  # physical input channels (20): never split
+    "head_out": None,  # head features (patch*patch*out_channels)
+    "out_channel": None,
+    "conv_row": None,
+    "conv_col": None,
+    "one": None,  # broadcast dimension of size 1
+}
+
+
+def logical_to_spec(names: Sequence[str | None]) -> P:
+    """Map a tuple of logical dimension names to a mesh ``PartitionSpec``."""
+    axes = []
+    for name in names:
+        if name is None:
+            axes.append(None)
+            continue
+        if name not in LOGICAL_RULES:
+            raise KeyError(
+                f"unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}"
+            )
+        axes.append(LOGICAL_RULES[name])
+    return P(*axes)
+
+
+#: Layout of images (model inputs/outputs) between host and model:
+#: x: [batch@data, lat@height, lon@width, channel (replicated)]
+IMAGE_SPEC = P(DATA, HEIGHT, WIDTH, None)
+
+#: Layout of trunk activations between AFNO blocks:
+#: x: [batch@data, lat@height, lon@width, embed@channel] -- nothing replicated.
+TOKEN_SPEC = P(DATA, HEIGHT, WIDTH, CHANNEL)
