@@ -37,13 +37,17 @@ def save_model(directory: str | Path, model, extra: dict | None = None, overwrit
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / "params", params)
-        ckptr.wait_until_finished()
-    meta = {"format": "fcn_jax.model/1", "kind": model.config.kind, "model": _model_dict(model.config)}
-    meta.update(extra or {})
-    (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    try:
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        meta = {"format": "fcn_jax.model/1", "kind": model.config.kind, "model": _model_dict(model.config)}
+        meta.update(extra or {})
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+        raise
     if directory.exists():
         shutil.rmtree(directory)
     tmp.rename(directory)

@@ -15,12 +15,13 @@ ever executed.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -402,17 +403,16 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads 2018-01-01 as a date
+            return value.isoformat()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise bad
     raise bad
 
 
-def _build_section(cls, raw: dict, section: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
+def _check_section_types(cls, raw: dict, section: str) -> dict:
+    """Known keys with values of the right type -> the coerced values (no value checks)."""
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -420,7 +420,15 @@ def _build_section(cls, raw: dict, section: str):
         if key not in hints:
             raise ConfigError(f"{section}.{key}: unknown key; allowed keys of '{section}': {', '.join(allowed)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
-    return cls(**kwargs)
+    return kwargs
+
+
+def _build_section(cls, raw: dict, section: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {raw!r}")
+    return cls(**_check_section_types(cls, raw, section))
 
 
 # --------------------------------------------------------------------------- #
@@ -468,6 +476,12 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
             )
         if key in SECTIONS and value is not None and not isinstance(value, dict):
             raise ConfigError(f"{path}: section {key!r} must be a mapping, got {value!r}")
+        if key in SECTIONS and value:
+            # keys and types are checked per file, so an error in a base names that base
+            try:
+                _check_section_types(SECTIONS[key], value, key)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     if base is None:
         merged: dict = {}
     else:

@@ -252,7 +252,8 @@ def save_torch_checkpoint(model, path: str | Path, ddp_prefix: bool = True) -> N
     """Write ``{'model_state': ...}`` as the original training script did (atomically)."""
     torch = _import_torch()
     prefix = "module." if ddp_prefix else ""
-    state = OrderedDict((prefix + k, torch.from_numpy(v)) for k, v in to_torch_state_dict(model).items())
+    # np.array copies: arrays viewing JAX buffers are read-only, torch tensors must own writable memory
+    state = OrderedDict((prefix + k, torch.from_numpy(np.array(v))) for k, v in to_torch_state_dict(model).items())
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"iters": 0, "epoch": 0, "model_state": state}, tmp)

@@ -132,7 +132,11 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     Axes are of type ``Auto``: sharding outside the hand-written ``shard_map``
     regions (losses, optimiser) is left to the compiler's propagation.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()
+        if -1 not in tuple(shape):  # a smaller mesh uses the first devices
+            devices = devices[: math.prod(shape)]
+    devices = list(devices)
     shape = resolve_shape(shape, len(devices))
     dev_array = np.asarray(devices).reshape(shape)
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
