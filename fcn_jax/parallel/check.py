@@ -1,0 +1,205 @@
+"""Self-test of a mesh layout: ``python -m fcn_jax.parallel.check``.
+
+Runs an experiment's model on the requested ``(data, channel, height, width)``
+mesh and on a single device with the same weights and batch, and reports the
+largest relative difference of the output and of the parameter gradients, plus
+the collectives in the compiled train step. Run it on a new cluster before a
+long job::
+
+    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8
+
+Exit status: 0 when both errors are within the tolerance (default 1e-5), 1 when
+they are not, 2 when the mesh or the experiment is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+
+def _parse_mesh(text: str) -> tuple[int, int, int, int]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected four integers D,C,H,W") from None
+    if len(sizes) != 4:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected four sizes D,C,H,W (data, channel, height, width)")
+    return sizes  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m fcn_jax.parallel.check",
+        description="Compare an experiment's model on a device mesh against one device: forward output, "
+        "parameter gradients, and the collectives of the compiled train step.",
+    )
+    ap.add_argument("--experiment", required=True, help="experiment name under experiments/ or a YAML path")
+    ap.add_argument("--mesh", required=True, type=_parse_mesh, help="D,C,H,W sizes; -1 = remaining devices")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override an experiment value (repeatable)")
+    ap.add_argument("--cpu-devices", type=int, default=0, help="emulate N CPU devices (CPU-only machines)")
+    ap.add_argument("--batch", type=int, default=0, help="global batch (default: the data-axis size)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tolerance", type=float, default=1e-5, help="largest acceptable relative error")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def _max_rel(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    diff = float(np.max(np.abs(a - b))) if b.size else 0.0
+    if scale == 0.0:
+        return diff  # e.g. the unused final norm: both gradients must be exactly zero
+    return diff / scale
+
+
+def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
+    """Compare ``cfg``'s model on ``mesh_shape`` against one device; returns the report dict."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from fcn_jax.model.afnonet import build_model, shard_model
+    from fcn_jax.parallel.axes import IMAGE_SPEC
+    from fcn_jax.parallel.hlo import collective_counts
+    from fcn_jax.parallel.mesh import MeshSizes, make_mesh, resolve_shape, validate_layout
+    from fcn_jax.training.losses import relative_l2
+
+    n_dev = len(jax.devices())
+    if -1 not in tuple(mesh_shape) and 0 < math.prod(mesh_shape) < n_dev:
+        n_dev = math.prod(mesh_shape)  # a smaller mesh runs on the first devices
+    shape = resolve_shape(mesh_shape, n_dev)
+    batch = batch or shape[0]
+    model_cfg = cfg.model
+    validate_layout(MeshSizes(*shape), model_cfg, batch_size=batch)
+
+    kx, ky = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(kx, (batch, *model_cfg.img_size, model_cfg.in_channels), jnp.float32)
+    y = jax.random.normal(ky, (batch, *model_cfg.img_size, model_cfg.out_channels), jnp.float32)
+
+    def run(mesh):
+        model = build_model(model_cfg, seed=seed)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss_fn(p, xx, yy):
+            return relative_l2(nnx.merge(graphdef, p)(xx), yy)
+
+        if mesh is None:
+            out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, x)
+            grads = jax.jit(jax.grad(loss_fn))(params, x, y)
+            return jax.device_get(out), jax.device_get(nnx.to_pure_dict(grads)), None
+        with jax.set_mesh(mesh):
+            model = shard_model(model, mesh)
+            graphdef, params = nnx.split(model, nnx.Param)
+            sharding = NamedSharding(mesh, IMAGE_SPEC)
+            xs, ys = jax.device_put(x, sharding), jax.device_put(y, sharding)
+            out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, xs)
+            grads = jax.jit(jax.grad(loss_fn))(params, xs, ys)
+            # the compiled train step: gradients + Adam update, state donated
+            tx = optax.adam(1e-4)
+
+            def step(p, o, xx, yy):
+                g = jax.grad(loss_fn)(p, xx, yy)
+                u, o = tx.update(g, o, p)
+                return optax.apply_updates(p, u), o
+
+            from fcn_jax.training.step import init_opt_state
+
+            opt_state = init_opt_state(tx, params)
+            hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, xs, ys).compile().as_text()
+            return jax.device_get(out), jax.device_get(nnx.to_pure_dict(grads)), collective_counts(hlo)
+
+    ref_out, ref_grads, _ = run(None)
+    out, grads, counts = run(make_mesh(shape))
+    grad_errs = {}
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        ref = ref_grads
+        for k in path:
+            ref = ref[k.key]
+        grad_errs[jax.tree_util.keystr(path)] = _max_rel(g, ref)
+    worst = max(grad_errs, key=grad_errs.get)
+    return {
+        "mesh": list(shape),
+        "devices": int(jax.device_count()),
+        "platform": jax.devices()[0].platform,
+        "batch": batch,
+        "forward_max_rel_err": _max_rel(out, ref_out),
+        "grad_max_rel_err": grad_errs[worst],
+        "worst_grad_param": worst,
+        "collectives": counts,
+    }
+
+
+def _join_negative_mesh(argv: list[str]) -> list[str]:
+    """Let ``--mesh -1,1,2,2`` through argparse (which takes ``-1,...`` for an option)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--mesh" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"--mesh={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_join_negative_mesh(argv))
+    if args.cpu_devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if args.cpu_devices:
+        try:
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        except RuntimeError as e:  # backends already started (e.g. called from tests)
+            if jax.device_count() != args.cpu_devices:
+                print(f"error: cannot emulate {args.cpu_devices} devices: {e}", file=sys.stderr)
+                return 2
+    # both sides at full float32 matmul precision, so the comparison measures layout, not precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+    from fcn_jax.config import ConfigError, load_experiment
+    from fcn_jax.parallel.mesh import MeshError
+
+    try:
+        cfg = load_experiment(args.experiment, args.overrides)
+        report = run_check(cfg, args.mesh, batch=args.batch, seed=args.seed)
+    except (ConfigError, MeshError) as e:
+        if args.json:
+            print(json.dumps({"mesh": list(args.mesh), "error": str(e)}))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report["tolerance"] = args.tolerance
+    report["passed"] = bool(
+        report["forward_max_rel_err"] <= args.tolerance and report["grad_max_rel_err"] <= args.tolerance
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        d, c, h, w = report["mesh"]
+        print(f"mesh data={d} channel={c} height={h} width={w} on {report['devices']} {report['platform']} devices, "
+              f"batch {report['batch']}")
+        print(f"  forward  max rel err  {report['forward_max_rel_err']:.3e}")
+        print(f"  gradient max rel err  {report['grad_max_rel_err']:.3e}  ({report['worst_grad_param']})")
+        print("  collectives in the compiled train step:")
+        for name, n in report["collectives"].items():
+            print(f"    {name:<20s}{n:>5d}")
+        print("  PASSED" if report["passed"] else f"  FAILED: error above tolerance {args.tolerance:g}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
