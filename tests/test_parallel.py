@@ -41,7 +41,7 @@ def reference():
     window = _window()
     graphdef, params = nnx.split(model, nnx.Param)
     loss_fn = make_loss_fn(graphdef)
-    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, window)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, {"fields": window})
     out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, window[:, 0])
     return {"out": np.asarray(out), "loss": float(loss), "grads": nnx.to_pure_dict(grads)}
 
@@ -82,9 +82,9 @@ def test_sharded_forward_and_gradients_equal_single_device(shape, reference):
         graphdef, params = nnx.split(model, nnx.Param)
         loss_fn = make_loss_fn(graphdef)
         grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-        (loss, _), grads = grad_fn(params, window)
+        (loss, _), grads = grad_fn(params, {"fields": window})
         out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, window[:, 0])
-        step_hlo = grad_fn.lower(params, window).compile().as_text()
+        step_hlo = grad_fn.lower(params, {"fields": window}).compile().as_text()
 
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "height", "width", None)), 4)
     assert _max_rel(out, reference["out"]) < 1e-5

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
@@ -47,19 +48,44 @@ def _param(value, *names: str) -> nnx.Param:
     return nnx.Param(value, logical_axes=tuple(names), eager_sharding=False)
 
 
-def _trunc_normal(key, shape, std=0.02):
-    # timm trunc_normal_(std=.02) with absolute bounds +-2: effectively untruncated
-    return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
+def _tracing() -> bool:
+    """True under ``nnx.eval_shape``/``jit`` tracing (every op is staged: omnistaging)."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
-def _init_key(rngs, seed, key):
-    if key is not None:
-        return key
-    return rngs.params() if rngs is not None else jax.random.key(seed)
+def _draw(shape, sample):
+    # Abstract construction (eval_shape) must not draw 75 M host random numbers.
+    if _tracing():
+        return jnp.zeros(shape, jnp.float32)
+    return jnp.asarray(sample(), jnp.float32)
 
 
-def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+def _trunc_normal(rng: np.random.Generator, shape, std=0.02):
+    # timm trunc_normal_(std=.02) with absolute bounds +-2, i.e. +-100 sigma: effectively
+    # an untruncated normal; the clip documents the bound and never binds in practice
+    return _draw(shape, lambda: np.clip(std * rng.standard_normal(shape), -2.0, 2.0))
+
+
+def _uniform(rng: np.random.Generator, shape, bound):
+    return _draw(shape, lambda: rng.uniform(-bound, bound, shape))
+
+
+def _normal(rng: np.random.Generator, shape, std):
+    return _draw(shape, lambda: std * rng.standard_normal(shape))
+
+
+def _init_rng(rngs, seed, rng) -> np.random.Generator:
+    """Host RNG for initialisation.
+
+    Parameters are drawn with NumPy on the host: deterministic for a seed,
+    independent of the mesh, and free of the per-shape compilation that eager
+    ``jax.random`` calls cost (seconds for a small model on a CPU).
+    """
+    if rng is not None:
+        return rng
+    if rngs is not None:
+        seed = int(jax.random.randint(rngs.params(), (), 0, 2**31 - 1))
+    return np.random.default_rng(seed)
 
 
 # --------------------------------------------------------------------------- #
@@ -78,60 +104,56 @@ class LayerNorm(nnx.Module):
 class PatchEmbed(nnx.Module):
     """Conv(kernel = stride = patch) as patch-flatten + matmul; kernel HWIO."""
 
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         ph, pw = cfg.patch_size
         fan_in = cfg.in_channels * ph * pw
-        k1, k2 = jax.random.split(key)
         bound = 1.0 / fan_in**0.5  # PyTorch Conv2d default init
         # kernel: [patch_row, patch_col, in_channel, embed] (torch OIHW transposed (2,3,1,0))
         self.kernel = _param(
-            _uniform(k1, (ph, pw, cfg.in_channels, cfg.embed_dim), bound),
+            _uniform(rng, (ph, pw, cfg.in_channels, cfg.embed_dim), bound),
             "patch_row", "patch_col", "in_channel", "embed",
         )
-        self.bias = _param(_uniform(k2, (cfg.embed_dim,), bound), "embed")
+        self.bias = _param(_uniform(rng, (cfg.embed_dim,), bound), "embed")
 
 
 class SpectralFilter(nnx.Module):
     """AFNO2D weights, exactly the original's (re/im, block, in, out) layout."""
 
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         nb, d = cfg.num_blocks, cfg.block_size
-        ks = jax.random.split(key, 4)
-        scale = 0.02
-        self.w1 = _param(scale * jax.random.normal(ks[0], (2, nb, d, d)), "reim", "blocks", "block_in", "block_out")
-        self.b1 = _param(scale * jax.random.normal(ks[1], (2, nb, d)), "reim", "blocks", "block_out")
-        self.w2 = _param(scale * jax.random.normal(ks[2], (2, nb, d, d)), "reim", "blocks", "block_in", "block_out")
-        self.b2 = _param(scale * jax.random.normal(ks[3], (2, nb, d)), "reim", "blocks", "block_out")
+        scale = 0.02  # the original: 0.02 * randn, biases included
+        self.w1 = _param(_normal(rng, (2, nb, d, d), scale), "reim", "blocks", "block_in", "block_out")
+        self.b1 = _param(_normal(rng, (2, nb, d), scale), "reim", "blocks", "block_out")
+        self.w2 = _param(_normal(rng, (2, nb, d, d), scale), "reim", "blocks", "block_in", "block_out")
+        self.b2 = _param(_normal(rng, (2, nb, d), scale), "reim", "blocks", "block_out")
 
 
 class Dense(nnx.Module):
     """Linear layer with an (in, out) kernel (torch weight transposed)."""
 
-    def __init__(self, key, d_in: int, d_out: int, in_axis: str, out_axis: str,
+    def __init__(self, rng: np.random.Generator, d_in: int, d_out: int, in_axis: str, out_axis: str,
                  bias_axis: str | None = None, use_bias: bool = True):
-        self.kernel = _param(_trunc_normal(key, (d_in, d_out)), in_axis, out_axis)
+        self.kernel = _param(_trunc_normal(rng, (d_in, d_out)), in_axis, out_axis)
         self.bias = _param(jnp.zeros((d_out,), jnp.float32), bias_axis or out_axis) if use_bias else None
 
 
 class Mlp(nnx.Module):
     """fc1 (column-parallel over ``channel``) -> exact GELU -> fc2 (row-parallel)."""
 
-    def __init__(self, cfg: ModelConfig, key):
-        k1, k2 = jax.random.split(key)
-        self.fc1 = Dense(k1, cfg.embed_dim, cfg.mlp_hidden, "embed_full", "mlp")
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        self.fc1 = Dense(rng, cfg.embed_dim, cfg.mlp_hidden, "embed_full", "mlp")
         # fc2's bias is added after the reduce-scatter, on the channel-sharded output
-        self.fc2 = Dense(k2, cfg.mlp_hidden, cfg.embed_dim, "mlp", "embed_full", bias_axis="embed")
+        self.fc2 = Dense(rng, cfg.mlp_hidden, cfg.embed_dim, "mlp", "embed_full", bias_axis="embed")
 
 
 class Block(nnx.Module):
     """norm1 -> filter (+skip) -> +x -> norm2 -> mlp -> +x (double skip)."""
 
-    def __init__(self, cfg: ModelConfig, key):
-        k1, k2 = jax.random.split(key)
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         self.norm1 = LayerNorm(cfg.embed_dim)
-        self.filter = SpectralFilter(cfg, k1)
+        self.filter = SpectralFilter(cfg, rng)
         self.norm2 = LayerNorm(cfg.embed_dim)
-        self.mlp = Mlp(cfg, k2)
+        self.mlp = Mlp(cfg, rng)
 
 
 class AFNONet(nnx.Module):
@@ -141,19 +163,19 @@ class AFNONet(nnx.Module):
     next state -- there is no model-level residual).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0, key=None):
-        key = _init_key(rngs, seed, key)
-        keys = jax.random.split(key, cfg.depth + 3)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0,
+                 rng: np.random.Generator | None = None):
+        rng = _init_rng(rngs, seed, rng)
         self.config = cfg
         lat, lon = cfg.token_grid
-        self.patch_embed = PatchEmbed(cfg, keys[0])
+        self.patch_embed = PatchEmbed(cfg, rng)
         # pos_embed: [1, lat_tokens, lon_tokens, embed]; the original's (1, tokens, embed) reshaped
-        self.pos_embed = _param(_trunc_normal(keys[1], (1, lat, lon, cfg.embed_dim)), "one", "lat", "lon", "embed")
-        self.blocks = nnx.List([Block(cfg, keys[3 + i]) for i in range(cfg.depth)])
+        self.pos_embed = _param(_trunc_normal(rng, (1, lat, lon, cfg.embed_dim)), "one", "lat", "lon", "embed")
+        self.blocks = nnx.List([Block(cfg, rng) for _ in range(cfg.depth)])
         # The original owns a final LayerNorm but never calls it; kept for round-trips.
         self.norm = LayerNorm(cfg.embed_dim)
         ph, pw = cfg.patch_size
-        self.head = Dense(keys[2], cfg.embed_dim, ph * pw * cfg.out_channels, "embed", "head_out", use_bias=False)
+        self.head = Dense(rng, cfg.embed_dim, ph * pw * cfg.out_channels, "embed", "head_out", use_bias=False)
 
     def __call__(self, x):
         return apply_model(self, x)
@@ -165,14 +187,14 @@ class PrecipNet(nnx.Module):
     Output is ``log1p(tp / eps)`` (model spec §6), ``[batch, lat, lon, 1]``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0, key=None):
-        key = _init_key(rngs, seed, key)
-        k1, k2, k3 = jax.random.split(key, 3)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0,
+                 rng: np.random.Generator | None = None):
+        rng = _init_rng(rngs, seed, rng)
         self.config = cfg
-        self.backbone = AFNONet(_backbone_config(cfg), key=k1)
+        self.backbone = AFNONet(_backbone_config(cfg), rng=rng)
         # conv kernel HWIO [3, 3, 1, 1]; PyTorch default init U(+-1/3) (fan_in 9)
-        self.conv_kernel = _param(_uniform(k2, (3, 3, 1, 1), 1.0 / 3.0), "conv_row", "conv_col", "one", "out_channel")
-        self.conv_bias = _param(_uniform(k3, (1,), 1.0 / 3.0), "out_channel")
+        self.conv_kernel = _param(_uniform(rng, (3, 3, 1, 1), 1.0 / 3.0), "conv_row", "conv_col", "one", "out_channel")
+        self.conv_bias = _param(_uniform(rng, (1,), 1.0 / 3.0), "out_channel")
 
     def __call__(self, x):
         return apply_model(self, x)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fcn_jax.training.losses import rollout_loss
+from fcn_jax.training.losses import relative_l2, rollout_loss
 
 
 @jax.tree_util.register_dataclass
@@ -64,25 +64,64 @@ def init_opt_state(tx: optax.GradientTransformation, params):
     return jax.jit(tx.init, out_shardings=out_shardings)(params)
 
 
-def make_loss_fn(graphdef, loss_weights=None) -> Callable:
-    def loss_fn(params, window):
+def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps: float = 1e-5,
+                 frozen=None) -> Callable:
+    """``loss_fn(params, batch) -> (loss, per-step losses)`` on normalised batches.
+
+    batch["fields"]: [batch, k+1, lat, lon, channel] normalised states.
+    Pre-training / fine-tuning: k-step autoregressive relative L2.
+    Precipitation: the frozen backbone predicts x_{t+1} from x_t (no gradient),
+    PrecipNet maps it to log1p(tp/eps), compared with batch["tp"]: [batch, lat, lon, 1]
+    in metres (the 6 h accumulation ending at t+1).
+    """
+    if mode == "precip":
+        if frozen is None:
+            raise ValueError("precipitation training needs the frozen backbone")
+        fgraph, fparams = nnx.split(frozen, nnx.Param)
+
+        def precip_loss(params, batch):
+            wind = nnx.merge(fgraph, fparams)
+            x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
+            pred = nnx.merge(graphdef, params)(x_next)
+            target = jnp.log1p(batch["tp"] / precip_eps)
+            loss = relative_l2(pred, target)
+            return loss, loss[None]
+
+        return precip_loss
+
+    def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        total, per_step = rollout_loss(model, window, loss_weights)
-        return total, per_step
+        return rollout_loss(model, batch["fields"], loss_weights)
 
     return loss_fn
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights=None, donate: bool = True):
-    """``step(state, window) -> (state, metrics)``, jit-compiled with the state donated.
+def normalize_batch(batch: dict, norm) -> dict:
+    """z-score the ``fields`` of a raw batch on the device: (x - mean_c) / std_c."""
+    if norm is None:
+        return batch
+    mean, std = norm
+    out = dict(batch)
+    out["fields"] = (batch["fields"].astype(jnp.float32) - mean) / std
+    return out
 
-    window: [batch, k+1, lat, lon, channel] normalised, sharded
-    ``P('data', None, 'height', 'width', None)``.
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights=None, donate: bool = True,
+                    mode: str = "pretrain", precip_eps: float = 1e-5, frozen=None, norm=None):
+    """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated.
+
+    batch: ``{"fields": [batch, k+1, lat, lon, channel]}`` sharded
+    ``P('data', None, 'height', 'width', None)`` (raw physical values when
+    ``norm=(mean, std)`` is given, else normalised), plus ``"tp"`` for precipitation.
+    A bare array is taken as ``fields``.
     """
-    loss_fn = make_loss_fn(graphdef, loss_weights)
+    loss_fn = make_loss_fn(graphdef, loss_weights, mode=mode, precip_eps=precip_eps, frozen=frozen)
 
-    def step(state: TrainState, window):
-        (loss, per_step), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, window)
+    def step(state: TrainState, batch):
+        if not isinstance(batch, dict):
+            batch = {"fields": batch}
+        batch = normalize_batch(batch, norm)
+        (loss, per_step), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "loss_per_step": per_step, "grad_norm": optax.tree.norm(grads)}
