@@ -1,0 +1,69 @@
+"""``python -m fcn_jax.train EXPERIMENT [--workdir DIR] [--set section.key=value ...]``.
+
+Runs (or resumes) an experiment: pre-training, multi-step fine-tuning or
+precipitation training, as the experiment's ``train.mode`` says. EXPERIMENT is
+a name under ``experiments/`` or a path to a YAML file. Multi-host: launch one
+process per host (or per GPU) under SLURM and it is detected, or pass
+``--coordinator HOST:PORT --num-processes N --process-id I``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fcn_jax.train", description=__doc__.split("\n\n")[1])
+    ap.add_argument("experiment", help="experiment name under experiments/ or a YAML path")
+    ap.add_argument("--workdir", default=None, help="run directory (default: runs/<experiment name>)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override any experiment value (repeatable)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop after this many steps in this invocation (the schedule follows train.steps)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = ap.add_argument_group("multi-host")
+    dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
+    dist.add_argument("--num-processes", type=int, default=None)
+    dist.add_argument("--process-id", type=int, default=None)
+    dist.add_argument("--cpu-devices", type=int, default=0, help="emulate N CPU devices per process")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cpu_devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fcn_jax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
+
+    from fcn_jax.config import ConfigError, load_experiment
+    from fcn_jax.data.errors import DataError
+    from fcn_jax.parallel.mesh import MeshError
+    from fcn_jax.training.loop import NonFiniteLossError, train
+
+    try:
+        cfg = load_experiment(args.experiment, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", cfg.name)
+    try:
+        summary = train(cfg, workdir, progress=not args.no_progress, max_steps=args.max_steps)
+    except (MeshError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"run {workdir}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

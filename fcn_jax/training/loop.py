@@ -1,0 +1,304 @@
+"""The training loop: pre-training, multi-step fine-tuning and precipitation.
+
+Everything a run produces lives in its work directory::
+
+    WORKDIR/config.yaml        the resolved experiment
+    WORKDIR/metrics.jsonl      one JSON object per logged step / validation
+    WORKDIR/tb/                TensorBoard event files
+    WORKDIR/checkpoints/       Orbax run checkpoints (state, data position, meta)
+    WORKDIR/model_best/        weights of the best validation step (fcn_jax.checkpoint format)
+    WORKDIR/model_final/       weights at the end of the run
+
+A restarted run with the same work directory resumes exactly from the latest
+checkpoint: parameters, optimiser state, step, random state and the data
+iterator's position. Nothing in the loop forces a host sync except logging,
+validation and checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fcn_jax import checkpoint as model_ckpt
+from fcn_jax.config import ExperimentConfig, dump_experiment
+from fcn_jax.model.afnonet import build_model, shard_model
+from fcn_jax.parallel.mesh import build_mesh
+from fcn_jax.training import data_feed
+from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
+from fcn_jax.training.optim import make_optimizer
+from fcn_jax.training.step import TrainState, init_opt_state, make_train_step
+from fcn_jax.training.validation import Validator
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is left intact."""
+
+
+class _Preempted:
+    """SIGTERM flag: finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model checkpoint dir, or a run dir (its ``model_best``, else ``model_final``)."""
+    p = Path(path)
+    if (p / "model.json").is_file():
+        return p
+    for name in ("model_best", "model_final"):
+        if (p / name / "model.json").is_file():
+            return p / name
+    raise FileNotFoundError(
+        f"{path}: neither a model checkpoint (model.json) nor a run directory with model_best/ or model_final/"
+    )
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard, on the primary process only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tb"))
+            except Exception:  # pragma: no cover - tensorboardX is a dependency
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in _flatten_scalars(record):
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _flatten_scalars(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten_scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            yield f"{prefix}{k}", v
+
+
+def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Run (or resume) the experiment in ``workdir``; returns a summary dict.
+
+    ``max_steps`` stops early after that many optimiser steps in this call
+    (tests and the demo); the schedule still follows ``train.steps``.
+    """
+    workdir = Path(workdir).resolve()
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, workdir)
+    tcfg, mcfg = cfg.train, cfg.model
+
+    mesh = build_mesh(cfg.mesh, mcfg, tcfg.batch_size)
+    with jax.set_mesh(mesh):
+        feed = data_feed.open_feed(cfg, mesh)
+        model = _initial_model(cfg)
+        model = shard_model(model, mesh)
+        tx, schedule = make_optimizer(tcfg)
+        graphdef, params = nnx.split(model, nnx.Param)
+        state = TrainState(params=params, opt_state=init_opt_state(tx, params), step=jnp.zeros((), jnp.int32))
+        frozen = _frozen_backbone(cfg, mesh) if tcfg.mode == "precip" else None
+
+        ckpts = RunCheckpoints(workdir / "checkpoints", keep_latest=tcfg.keep_latest, keep_best=tcfg.keep_best)
+        meta: dict[str, Any] = {"best_val_loss": None, "best_step": None}
+        start = 0
+        latest = ckpts.latest_step()
+        if latest is not None:
+            state, data_state, meta = ckpts.restore(latest, abstract_like(state))
+            feed.set_state(data_state)
+            start = int(latest)
+            if primary:
+                print(f"resumed {workdir} at step {start}")
+
+        step_fn = make_train_step(graphdef, tx, loss_weights=tcfg.loss_weights or None, mode=tcfg.mode,
+                                  precip_eps=tcfg.precip_eps, frozen=frozen, norm=feed.norm)
+        validator = Validator(cfg, mesh, graphdef, feed, frozen=frozen)
+        logger = _Logger(workdir, primary)
+
+        end = tcfg.steps if max_steps is None else min(tcfg.steps, start + max_steps)
+        finite = jnp.array(True)
+        summary: dict[str, Any] = {"start_step": start}
+        bar = _progress(start, end, enabled=progress and primary)
+        t_last, n_last, wait_s = time.perf_counter(), start, 0.0
+        last_saved = start
+        try:
+            with _Preempted() as preempt:
+                step = start
+                while step < end:
+                    t0 = time.perf_counter()
+                    batch = feed.next_train()
+                    wait_s += time.perf_counter() - t0
+                    state, metrics = step_fn(state, batch)
+                    finite = finite & jnp.isfinite(metrics["loss"])
+                    step += 1
+                    record = None
+                    if step % tcfg.log_every == 0 or step == end:
+                        _check_finite(finite, step, ckpts, workdir)
+                        now = time.perf_counter()
+                        record = {
+                            "step": step,
+                            "loss": float(metrics["loss"]),
+                            "loss_per_step": [float(v) for v in np.asarray(metrics["loss_per_step"])],
+                            "grad_norm": float(metrics["grad_norm"]),
+                            "lr": float(schedule(step - 1)),
+                            "samples_per_s": (step - n_last) * tcfg.batch_size / max(now - t_last, 1e-9),
+                            "data_wait_s": wait_s,
+                        }
+                        logger.write(record)
+                        bar.update(step, record)
+                        t_last, n_last, wait_s = now, step, 0.0
+                    val_loss = None
+                    if step % tcfg.validate_every == 0 or step == end:
+                        vrec = validator.run(state.params, step)
+                        val_loss = vrec["val_loss"]
+                        logger.write(vrec)
+                        if meta.get("best_val_loss") is None or val_loss < meta["best_val_loss"]:
+                            meta["best_val_loss"], meta["best_step"] = val_loss, step
+                    if step % tcfg.checkpoint_every == 0 or step == end or preempt.requested:
+                        _check_finite(finite, step, ckpts, workdir)
+                        ckpts.save(step, state, feed.get_state(), _meta(meta, cfg, step), val_loss, force=True)
+                        last_saved = step
+                    if preempt.requested:
+                        summary["preempted"] = True
+                        break
+            ckpts.wait()
+        finally:
+            bar.close()
+            logger.close()
+        summary.update(final_step=int(step), last_saved=last_saved, best_step=meta.get("best_step"),
+                       best_val_loss=meta.get("best_val_loss"))
+        if step >= tcfg.steps or (max_steps is not None and step == end and not summary.get("preempted")):
+            _export_models(ckpts, state, graphdef, workdir, mcfg, primary)
+        ckpts.close()
+        feed.close()
+    return summary
+
+
+def _meta(meta: dict, cfg: ExperimentConfig, step: int) -> dict:
+    return {**meta, "step": step, "experiment": cfg.name, "seed": cfg.train.seed}
+
+
+def _check_finite(finite, step, ckpts: RunCheckpoints, workdir: Path) -> None:
+    if not bool(finite):
+        ckpts.wait()
+        last = ckpts.latest_step()
+        raise NonFiniteLossError(
+            f"the training loss became NaN or Inf by step {step}; stopping without saving. "
+            f"The last good checkpoint is step {last} in {workdir / 'checkpoints'}. "
+            "Lower train.lr, enable train.grad_clip, or check the data for bad values."
+        )
+
+
+def _write_config(cfg: ExperimentConfig, workdir: Path) -> None:
+    path = workdir / "config.yaml"
+    text = dump_experiment(cfg)
+    if path.exists() and path.read_text() != text:
+        # a restart with different settings: keep the history, record the new resolved config
+        path.rename(workdir / f"config.{int(time.time())}.yaml")
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _initial_model(cfg: ExperimentConfig):
+    tcfg = cfg.train
+    if tcfg.init_from:
+        src = resolve_model_dir(tcfg.init_from)
+        # weights only (the original's fine-tuning: fresh optimiser, step 0)
+        model = model_ckpt.load_model(src, model_cfg=cfg.model)
+        print(f"initialised weights from {src}")
+        return model
+    return build_model(cfg.model, seed=tcfg.seed)
+
+
+def _frozen_backbone(cfg: ExperimentConfig, mesh):
+    if not cfg.train.backbone_checkpoint:
+        raise ValueError("train.backbone_checkpoint: precipitation training needs the frozen wind model")
+    src = resolve_model_dir(cfg.train.backbone_checkpoint)
+    backbone = model_ckpt.load_model(src, mesh=mesh)
+    if backbone.config.kind != "backbone" or backbone.config.in_channels != cfg.model.in_channels:
+        raise ValueError(f"{src}: not a {cfg.model.in_channels}-channel backbone")
+    return backbone
+
+
+def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: Path, mcfg, primary: bool) -> None:
+    """Write model_final (current weights) and model_best (best validation step)."""
+    model = nnx.merge(graphdef, state.params)
+    model_ckpt.save_model(workdir / "model_final", model, overwrite=True, extra={"step": int(state.step)})
+    best = ckpts.best_step()
+    if best is not None and best != int(state.step):
+        restored, _, _ = ckpts.restore(best, abstract_like(state))
+        model = nnx.merge(graphdef, restored.params)
+    model_ckpt.save_model(workdir / "model_best", model, overwrite=True,
+                          extra={"step": int(best if best is not None else state.step)})
+
+
+class _progress:
+    """tqdm progress bar (step, loss, throughput) or nothing."""
+
+    def __init__(self, start: int, end: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True)
+        self.pos = start
+
+    def update(self, step: int, record: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.pos)
+        self.pos = step
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
