@@ -25,32 +25,49 @@ from flax import nnx
 from fcn_jax.config import ModelConfig, _build_section
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def save_model(directory: str | Path, model, extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model``'s parameters and configuration to ``directory``."""
+    """Write ``model``'s parameters and configuration to ``directory``.
+
+    Multi-process: every process calls this (each writes its shards); only
+    process 0 touches directories and metadata, between barriers.
+    """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).resolve()
-    if directory.exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already exists; choose a new --out or remove it")
+    primary = jax.process_index() == 0
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; choose a new --out or remove it")
     tmp = directory.with_name(directory.name + ".tmp-partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if primary:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(f"save_model:mkdir:{directory}")
     try:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()
-        meta = {"format": "fcn_jax.model/1", "kind": model.config.kind, "model": _model_dict(model.config)}
-        meta.update(extra or {})
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+        _barrier(f"save_model:saved:{directory}")
+        if primary:
+            meta = {"format": "fcn_jax.model/1", "kind": model.config.kind, "model": _model_dict(model.config)}
+            meta.update(extra or {})
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    _barrier(f"save_model:done:{directory}")
     return directory
 
 
