@@ -165,6 +165,7 @@ class DataConfig:
     #: Time steps between model input and target (1 = 6 h on 6-hourly data).
     dt: int = 1
     num_workers: int = 0  # grain worker processes (0 = read in the main process)
+    num_threads: int = 4  # reader threads per process / worker
     prefetch: int = 2
     #: Precipitation store (zarr with variable tp), for the precip model.
     precip_store: str = ""

@@ -1,0 +1,54 @@
+"""Data: channel catalogue, readers, training store, embedded world, grain pipeline.
+
+Public API (imported lazily, so ``import fcn_jax.data`` stays cheap)::
+
+    from fcn_jax.data import (
+        resolve_channels, CHANNEL_SETS, FCN_20, WORLD,          # channels
+        open_source,                                             # readers
+        prepare, open_store, store_stats, climatology_at,        # store
+        resolve_store,                                           # "world" or a path
+        world_store, world_splits, WorldSpec,                    # embedded world
+        WindowSource, make_train_iterator, Normalizer,           # pipeline
+        DataError,
+    )
+
+Command line: ``python -m fcn_jax.data {prepare,world} --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from fcn_jax.data.channels import CHANNEL_SETS, FCN_20, FCN_26, WORLD, Channel, get_channel, resolve_channels
+from fcn_jax.data.errors import DataError
+
+_LAZY = {
+    "open_source": "fcn_jax.data.readers",
+    "CanonicalSource": "fcn_jax.data.readers",
+    "prepare": "fcn_jax.data.store",
+    "open_store": "fcn_jax.data.store",
+    "store_stats": "fcn_jax.data.store",
+    "climatology_at": "fcn_jax.data.store",
+    "parse_years": "fcn_jax.data.store",
+    "resolve_store": "fcn_jax.data.store",
+    "world_store": "fcn_jax.data.world",
+    "world_splits": "fcn_jax.data.world",
+    "generate_world": "fcn_jax.data.world",
+    "WorldSpec": "fcn_jax.data.world",
+    "persistence_skill": "fcn_jax.data.world",
+    "WindowSource": "fcn_jax.data.pipeline",
+    "make_train_iterator": "fcn_jax.data.pipeline",
+    "TrainIterator": "fcn_jax.data.pipeline",
+    "Normalizer": "fcn_jax.data.pipeline",
+    "read_plan": "fcn_jax.data.pipeline",
+    "WINDOW_SPEC": "fcn_jax.data.pipeline",
+}
+
+__all__ = ["CHANNEL_SETS", "FCN_20", "FCN_26", "WORLD", "Channel", "DataError", "get_channel",
+           "resolve_channels", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fcn_jax.data' has no attribute {name!r}")

@@ -14,8 +14,6 @@ the accumulation over the 6 h ending at the target time.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,17 +27,9 @@ from fcn_jax.data.pipeline import WindowSource, make_train_iterator
 
 def resolve_store(cfg: ExperimentConfig) -> str:
     """The store path; ``"world"`` means the embedded world (generated and cached on first use)."""
-    store = cfg.data.store
-    if store == "world":
-        from fcn_jax.data.world import DEFAULT_DAYS, world_store
+    from fcn_jax.data.store import resolve_store as resolve
 
-        return str(world_store(seed=cfg.data.world_seed, days=cfg.data.world_days or DEFAULT_DAYS))
-    if not Path(store).exists():
-        raise DataError(
-            f"data.store={store!r} does not exist; prepare one with `python -m fcn_jax.data prepare ... --out {store}` "
-            "or use data.store=world"
-        )
-    return store
+    return str(resolve(cfg.data.store, world_seed=cfg.data.world_seed, world_days=cfg.data.world_days or None))
 
 
 def _years(pair) -> str:
@@ -55,10 +45,11 @@ class Feed:
         self.precip = tcfg.mode == "precip"
         k = 1 if self.precip else tcfg.rollout_steps
         channels = list(dcfg.channels)
-        common = dict(mesh=mesh, batch_size=tcfg.batch_size, channels=channels, rollout_steps=k,
-                      normalize=False, num_workers=dcfg.num_workers, prefetch=dcfg.prefetch)
+        common = dict(mesh=mesh, batch_size=tcfg.batch_size, channels=channels, rollout_steps=k, stride=dcfg.dt,
+                      normalize=False, num_workers=dcfg.num_workers, prefetch=dcfg.prefetch,
+                      num_threads=dcfg.num_threads)
         self.train_it = make_train_iterator(self.store, seed=tcfg.seed, years=_years(dcfg.train_years), **common)
-        self._valid_source = WindowSource(self.store, channels, k, _years(dcfg.valid_years))
+        self._valid_source = WindowSource(self.store, channels, k, _years(dcfg.valid_years), stride=dcfg.dt)
         self._valid_common = dict(common, num_workers=0)
         mean, std = self.train_it.mean, self.train_it.std
         replicated = NamedSharding(mesh, P())

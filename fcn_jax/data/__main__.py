@@ -1,0 +1,105 @@
+"""Command line: ``python -m fcn_jax.data {prepare,world,info} ...`` (each with --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from fcn_jax.data.store import prepare
+
+    layout = None
+    if args.hdf5_layout:
+        layout = [None if n in ("-", "") else n for n in args.hdf5_layout.split(",")]
+    t0 = time.perf_counter()
+    out = prepare(args.sources, args.out, channels=args.channels, years=args.years, stats_years=args.stats_years,
+                  kind=args.kind, drop_south_pole=args.drop_south_pole, allow_gaps=args.allow_gaps,
+                  doy_climatology=not args.no_doy_clim, clim_window_days=args.clim_window_days,
+                  overwrite=args.overwrite, lat_chunks=args.lat_chunks, compression=args.compression,
+                  progress=not args.quiet, hdf5_layout=layout)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def _world(args: argparse.Namespace) -> None:
+    from fcn_jax.data.world import WorldSpec, world_store
+
+    spec = WorldSpec(seed=args.seed, days=args.days, spinup_days=args.spinup_days)
+    t0 = time.perf_counter()
+    path = world_store(args.out, spec=spec, prepare_store=not args.no_store, progress=not args.quiet)
+    meta_path = path.parent / "world.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    print(f"world ready at {path} ({time.perf_counter() - t0:.1f} s this call); splits {meta.get('splits')}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from fcn_jax.data.store import open_store
+
+    ds = open_store(args.store)
+    print(ds)
+    print("mean:", dict(zip(ds["channel"].values.tolist(), ds["mean"].values.round(4).tolist())))
+    print("std: ", dict(zip(ds["channel"].values.tolist(), ds["std"].values.round(4).tolist())))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fcn_jax.data.channels import CHANNEL_SETS
+    from fcn_jax.data.errors import DataError
+    from fcn_jax.data.world import DEFAULT_DAYS
+
+    parser = argparse.ArgumentParser(prog="python -m fcn_jax.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="prepare a training store from ERA5 sources",
+                       description="Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, or FourCastNet "
+                                   "HDF5 year files and write a zarr training store with fields[time, channel, "
+                                   "lat, lon], per-channel mean/std, time-mean and day-of-year x hour "
+                                   "climatologies. Written to a temporary path and renamed when complete.")
+    p.add_argument("sources", nargs="+", help="source files / zarr stores / directories (one format)")
+    p.add_argument("--out", required=True, help="store path to write (e.g. era5.zarr)")
+    p.add_argument("--channels", default="fcn20",
+                   help=f"comma-separated channel names or a set name {sorted(CHANNEL_SETS)} (default fcn20)")
+    p.add_argument("--years", default=None, help="years to keep, e.g. 1979-2015 or 2016,2017 (default all)")
+    p.add_argument("--stats-years", default=None, help="years for statistics (default: all kept years)")
+    p.add_argument("--kind", default="auto", choices=["auto", "cds", "wb2", "hdf5"], help="source format")
+    p.add_argument("--drop-south-pole", action="store_true", help="drop the -90 row (721 -> 720 rows)")
+    p.add_argument("--allow-gaps", action="store_true", help="accept gaps in the source time axis")
+    p.add_argument("--no-doy-clim", action="store_true", help="skip the day-of-year x hour climatology")
+    p.add_argument("--clim-window-days", type=int, default=61, help="odd triangular window width (default 61)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store once the new one is done")
+    p.add_argument("--lat-chunks", type=int, default=1, help="latitude bands per chunk (default 1: whole field)")
+    p.add_argument("--compression", default="lz4", choices=["lz4", "zstd", "none"], help="chunk compression")
+    p.add_argument("--hdf5-layout", default=None,
+                   help="HDF5 channel axis as comma-separated names, '-' for unused (default: FourCastNet's 21)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_prepare)
+
+    w = sub.add_parser("world", help="generate the embedded world (dinosaur Held-Suarez) and prepare it",
+                       description="Generate ERA5-shaped data offline with a primitive-equation model "
+                                   "(dinosaur, Held-Suarez forcing, T21, 32 x 64 grid), write CDS-style netCDF "
+                                   "and prepare a store. Cached: the same arguments return at once.")
+    w.add_argument("--out", default=None, help="directory (default ~/.cache/fcn_jax/world/<key>)")
+    w.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    w.add_argument("--days", type=int, default=DEFAULT_DAYS,
+                   help=f"simulated days after spin-up (default {DEFAULT_DAYS})")
+    w.add_argument("--spinup-days", type=int, default=200, help="days discarded first (default 200)")
+    w.add_argument("--no-store", action="store_true", help="only write the netCDF files")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(func=_world)
+
+    i = sub.add_parser("info", help="summarise a prepared store")
+    i.add_argument("store")
+    i.set_defaults(func=_info)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

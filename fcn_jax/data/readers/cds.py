@@ -1,0 +1,56 @@
+"""Reader for Copernicus Climate Data Store (CDS) ERA5 netCDF downloads.
+
+Both conventions (spec/evaluation.md §8.1) are accepted, file by file:
+
+============  ===============================  ===============================
+aspect        new CDS (since 2024)             legacy CDS / MARS netCDF
+============  ===============================  ===============================
+time          ``valid_time``                   ``time``
+levels        ``pressure_level``               ``level``
+extras        ``number``, ``expver`` coords    ``expver`` *dimension* (ERA5T mix)
+packing       float32                          int16 + scale_factor/add_offset/_FillValue
+============  ===============================  ===============================
+
+Surface and pressure-level variables usually come in separate files, and often
+one file per year or month; pass them all. Variables are found by their CDS
+short names (``u10``, ``t``, ``z`` ...; long names are tried too), packed
+values are CF-decoded by xarray (fill values become NaN, which ``prepare``
+then reports), geopotential height (``gh``) becomes geopotential.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import xarray as xr
+
+from fcn_jax.data.channels import Channel
+from fcn_jax.data.errors import DataError
+from fcn_jax.data.readers.common import CanonicalSource, assemble, collect_pieces, standardize
+
+
+def open_netcdf(path: str) -> xr.Dataset:
+    """Open one netCDF file lazily (no dask, no caching), standardised.
+
+    Raises:
+      DataError: the file is missing, unreadable or truncated.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        # xarray takes HDF5_LOCK itself inside open_dataset and every read.
+        ds = xr.open_dataset(path, engine="netcdf4", chunks=None, cache=False,
+                             mask_and_scale=True, decode_times=True, decode_timedelta=False)
+    except Exception as e:
+        raise DataError(f"{path}: cannot open as netCDF ({type(e).__name__}: {e}); "
+                        "expected a complete netCDF4/HDF5 file (truncated download?)") from e
+    return standardize(ds, path)
+
+
+def open_cds(paths: Sequence[str], channels: Sequence[Channel], *, allow_gaps: bool = False) -> CanonicalSource:
+    """Open CDS netCDF files as one :class:`CanonicalSource` with ``channels``."""
+    datasets = [(str(p), open_netcdf(str(p))) for p in paths]
+    pieces = collect_pieces(datasets, channels, prefer="cds")
+    return assemble(channels, pieces, source_kind="cds-netcdf", files=[p for p, _ in datasets],
+                    allow_gaps=allow_gaps)

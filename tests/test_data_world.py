@@ -1,0 +1,88 @@
+"""Embedded world: splits, CLI, persistence metric; a tiny real run (slow)."""
+
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from fcn_jax.data import synthetic as S
+from fcn_jax.data.__main__ import main
+from fcn_jax.data.channels import WORLD, get_channel
+from fcn_jax.data.store import prepare
+from fcn_jax.data.world import DEFAULT_DAYS, WorldSpec, persistence_skill, world_splits, world_store
+
+
+def test_splits():
+    assert world_splits(DEFAULT_DAYS)["train"][0] == 2000
+    assert world_splits(1461) == {"train": [2000, 2001], "valid": [2002], "test": [2003]}
+    assert world_splits(400) == {"train": [2000], "valid": [2001], "test": [2001]}
+    assert world_splits(10) == {"train": [2000], "valid": [2000], "test": [2000]}
+
+
+@pytest.mark.parametrize("cmd", ["prepare", "world", "info"])
+def test_cli_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: python -m fcn_jax.data " + cmd in capsys.readouterr().out
+
+
+def test_cli_prepare_and_error_exit(tmp_path, capsys):
+    lat, lon = S.grid(4, 8)
+    files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 8), ["z500", "u10"], lat, lon)
+    assert main(["prepare", *files, "--out", str(tmp_path / "s.zarr"), "--channels", "u10,z500", "--quiet",
+                 "--no-doy-clim"]) == 0
+    assert list(xr.open_zarr(tmp_path / "s.zarr")["channel"].values) == ["u10", "z500"]
+    assert main(["prepare", *files, "--out", str(tmp_path / "t.zarr"), "--channels", "t850", "--quiet"]) == 2
+    assert "error: channel t850" in capsys.readouterr().err
+
+
+def test_persistence_skill_metric(tmp_path):
+    # white noise in time: persistence error = sqrt(2) x climatology error at every lead
+    lat, lon = S.grid(4, 8)
+    times = S.six_hourly("2000-01-01", 400)
+    x = np.random.default_rng(0).normal(size=(400, 1, 4, 8)).astype(np.float32) + 280
+    files = S.write_cds(tmp_path / "src", times, ["t850"], lat, lon, values=x)
+    out = prepare(files, tmp_path / "s.zarr", channels=["t850"], doy_climatology=False, progress=False)
+    r = persistence_skill(out, max_lead=3)
+    np.testing.assert_allclose(r["persistence"], np.sqrt(2), rtol=0.08)
+    np.testing.assert_array_equal(r["lead_hours"], [6, 12, 18])
+
+
+@pytest.mark.slow
+def test_tiny_world_end_to_end(tmp_path):
+    """Real dinosaur run (short): CDS-style files, store contents, cache, determinism."""
+    spec = WorldSpec(seed=3, days=3, spinup_days=30)
+    store = world_store(tmp_path / "w", spec=spec, progress=False)
+    nc = sorted((tmp_path / "w" / "netcdf").glob("*.nc"))
+    assert [p.name for p in nc] == ["world_2000_pressure_levels.nc", "world_2000_single_levels.nc"]
+    pl = xr.open_dataset(nc[0])
+    assert set(pl.dims) == {"valid_time", "pressure_level", "latitude", "longitude"}
+    assert "number" in pl.coords and "expver" in pl.coords
+    assert pl["z"].attrs["units"] == "m**2 s**-2"
+    pl.close()
+    ds = xr.open_zarr(store)
+    assert list(ds["channel"].values) == list(WORLD)
+    assert list(ds["channel_units"].values) == [get_channel(c).units for c in WORLD]
+    assert ds.sizes["lat"] == 32 and ds.sizes["lon"] == 64 and ds.sizes["time"] == 12
+    assert ds["lat"].values[0] > 87 and ds["lat"].values[-1] < -87  # north -> south, no poles
+    x = ds["fields"].values
+    assert np.isfinite(x).all()
+    z500 = ds["fields"].sel(channel="z500").values
+    assert 4.0e4 < z500.mean() < 6.0e4 and z500.std() > 100  # geopotential, m^2 s^-2
+    assert 9.0e4 < ds["fields"].sel(channel="sp").values.mean() < 1.1e5  # Pa
+    assert (np.abs(ds["fields"].sel(channel="u250").values).max()) > 5  # winds develop within 30 days
+    assert ds["fields"].sel(channel="t850").values.std(axis=0).max() > 0.01  # it evolves in time
+    # cached: the second call is instant and leaves the files alone
+    mtime = nc[0].stat().st_mtime
+    t = time.perf_counter()
+    assert world_store(tmp_path / "w", spec=spec, progress=False) == store
+    assert time.perf_counter() - t < 2.0 and nc[0].stat().st_mtime == mtime
+    # deterministic: regenerate elsewhere, identical values
+    nc2 = world_store(tmp_path / "w2", spec=spec, prepare_store=False, progress=False)
+    pl2 = xr.open_dataset(nc2 / "world_2000_pressure_levels.nc")
+    pl1 = xr.open_dataset(nc[0])
+    np.testing.assert_array_equal(pl1["z"].values, pl2["z"].values)
+    pl1.close()
+    pl2.close()
