@@ -143,8 +143,10 @@ def test_optimizer_step_on_mesh_equals_single_device(shape):
     losses, params, state = two_steps(make_mesh(shape))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[1] < losses[0]
+    # Adam normalises each update to O(lr) whatever the gradient's size, so parameter
+    # differences are judged against the update size as well as the parameter's size
     for (name, p), (_, r) in zip(_flat(params), _flat(ref_params)):
-        assert _max_rel(p, r) < 1e-5, name
+        np.testing.assert_allclose(np.asarray(p), np.asarray(r), rtol=1e-5, atol=1e-3 * 1e-3, err_msg=name)
     # optimiser moments are laid out like the parameters
     mu_w1 = state.opt_state[1][0].mu["blocks"][0]["filter"]["w1"]
     assert mu_w1.sharding.spec == state.params["blocks"][0]["filter"]["w1"].sharding.spec
@@ -220,7 +222,13 @@ def test_layer_norm_sharded_two_pass_is_accurate_far_from_zero():
     got = np.asarray(jax.jit(fn)(x, scale, bias))
     x64 = x.astype(np.float64)
     want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
-    assert np.max(np.abs(got - want)) < 1e-3  # float32 rounding of (x - mean) at |x| ~ 1e3
+    # float32 rounding of the mean at |x| ~ 1e3 (ulp 6e-5 against std 0.1) bounds what any method can do
+    assert np.max(np.abs(got - want)) < 5e-3
+    # the one-pass shortcut E[x^2] - E[x]^2 in float32 is wrong by orders of magnitude here
+    x32 = x.astype(np.float32)
+    naive_var = np.mean(x32 * x32, -1, keepdims=True) - np.mean(x32, -1, keepdims=True) ** 2
+    naive = (x32 - x32.mean(-1, keepdims=True)) / np.sqrt(np.maximum(naive_var, 0) + 1e-6)
+    assert np.max(np.abs(naive - want)) > 100 * np.max(np.abs(got - want))
 
 
 PUBLISHED = ModelConfig()  # 720x1440, patch 8 -> 90x180 tokens, 768 embed, 8 blocks
@@ -230,7 +238,7 @@ PUBLISHED = ModelConfig()  # 720x1440, patch 8 -> 90x180 tokens, 768 embed, 8 bl
     "sizes,match",
     [
         ((1, 1, 4, 1), r"height=4 does not split .* 90 latitude rows; valid height sizes: \[1, 2, 3, 5, 6, 9, 10"),
-        ((1, 1, 1, 7), r"width=7 .* 180 longitude columns; valid width sizes: \[1, 2, 3, 4, 5, 6, 9"),
+        ((1, 1, 1, 7), r"width=7 .* 180 longitude columns.*; valid width sizes: \[1, 2, 3, 4, 5, 6, 9"),
         ((1, 5, 1, 1), r"channel=5 does not divide embed_dim 768 .*valid channel sizes: \[1, 2, 3, 4"),
         ((1, 2, 2, 4), r"channel\*height\*width = 2\*2\*4 = 16 does not divide the 8 AFNO blocks.*\[1, 2, 4, 8\]"),
         ((3, 1, 1, 1), r"data=3 does not divide the global batch 64"),
@@ -257,12 +265,12 @@ def test_build_mesh_from_config_validates_before_compiling():
     mesh = build_mesh(MeshConfig(data=-1, channel=1, height=2, width=2), CFG, batch_size=8)
     assert dict(mesh.shape) == {"data": 2, "channel": 1, "height": 2, "width": 2}
     assert mesh.axis_names == ("data", "channel", "height", "width")
-    with pytest.raises(MeshError, match="does not divide the 8 AFNO blocks"):
+    with pytest.raises(MeshError, match="does not divide the 4 AFNO blocks"):
         build_mesh(MeshConfig(data=1, channel=8, height=1, width=1), ModelConfig(
             img_size=(32, 64), patch_size=(4, 4), in_channels=4, out_channels=4, embed_dim=64, depth=1,
             num_blocks=4), batch_size=8)
     # the model refuses a bad mesh in context too, before compiling
     model = AFNONet(CFG, seed=0)
-    with jax.set_mesh(make_mesh((1, 1, 8, 1))):
-        with pytest.raises(MeshError, match="height=8"):
+    with jax.set_mesh(make_mesh((1, 1, 3, 1))):
+        with pytest.raises(MeshError, match="height=3 does not split"):
             model(jnp.zeros((1, *CFG.img_size, CFG.in_channels)))

@@ -38,6 +38,7 @@ from fcn_jax.parallel.ops import (
     logical_spec,
     psum,
     reduce_scatter_channels,
+    vary,
 )
 
 LN_EPS = 1e-6  # the original's LayerNorm epsilon (not PyTorch's 1e-5 default)
@@ -365,8 +366,14 @@ def _sharded_forward(cfg: ModelConfig, sizes: MeshSizes, mesh, spec_leaves, spec
     image_spec = logical_image_spec(sizes)
     local_fn = _precip_local if cfg.kind == "precip" else _backbone_local
     bb_cfg = cfg if cfg.kind == "backbone" else _backbone_config(cfg)
+
+    def local(p, xx):
+        # one gradient reduction per parameter (see fcn_jax.parallel.ops.vary)
+        p = jax.tree.map(lambda a: vary(a, sizes), p)
+        return local_fn(p, xx, bb_cfg, sizes)
+
     fn = jax.shard_map(
-        lambda p, xx: local_fn(p, xx, bb_cfg, sizes),
+        local,
         mesh=mesh,
         in_specs=(specs, image_spec),
         out_specs=image_spec,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fcn_jax.parallel.axes import CHANNEL, HEIGHT, WIDTH, logical_to_spec
+from fcn_jax.parallel.axes import CHANNEL, HEIGHT, MESH_AXES, WIDTH, logical_to_spec
 from fcn_jax.parallel.mesh import MeshSizes
 
 
@@ -35,6 +35,26 @@ def spec_for_mesh(spec: P, sizes: MeshSizes) -> P:
 def logical_spec(names: Sequence[str | None], sizes: MeshSizes) -> P:
     """Logical dimension names -> PartitionSpec for this mesh (size-1 axes dropped)."""
     return spec_for_mesh(logical_to_spec(names), sizes)
+
+
+def vary(x, sizes: MeshSizes):
+    """Mark ``x`` as varying over every live mesh axis, once.
+
+    A parameter replicated over an axis is *invariant* there; each use in a
+    computation on varying data would get its own implicit broadcast, whose
+    transpose is a separate gradient all-reduce (e.g. four per spectral weight,
+    one per slice w[0], w[1] and per use). One explicit cast at the entry makes
+    autodiff reduce each parameter's gradient exactly once, at full size.
+    """
+    import jax
+
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # jax >= 0.11 name
+    if vma is None:  # jax 0.10: the manual-axis type holds the varying set
+        mat = getattr(aval, "mat", None)
+        vma = getattr(mat, "varying", frozenset())
+    missing = tuple(a for a in MESH_AXES if sizes[a] > 1 and a not in vma)
+    return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def all_to_all(x, axis: str, split_axis: int, concat_axis: int, sizes: MeshSizes):
