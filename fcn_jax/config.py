@@ -167,8 +167,6 @@ class DataConfig:
     num_workers: int = 0  # grain worker processes (0 = read in the main process)
     num_threads: int = 4  # reader threads per process / worker
     prefetch: int = 2
-    #: Precipitation store (zarr with variable tp), for the precip model.
-    precip_store: str = ""
     world_seed: int = 0
     world_days: int = 0  # 0 = generator default
 

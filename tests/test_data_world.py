@@ -10,7 +10,8 @@ from fcn_jax.data import synthetic as S
 from fcn_jax.data.__main__ import main
 from fcn_jax.data.channels import WORLD, get_channel
 from fcn_jax.data.store import prepare
-from fcn_jax.data.world import DEFAULT_DAYS, WorldSpec, persistence_skill, world_splits, world_store
+from fcn_jax.data.world import (DEFAULT_DAYS, WORLD_STORE_CHANNELS, WorldSpec, persistence_skill, world_splits,
+                                world_store)
 
 
 def test_splits():
@@ -63,8 +64,9 @@ def test_tiny_world_end_to_end(tmp_path):
     assert pl["z"].attrs["units"] == "m**2 s**-2"
     pl.close()
     ds = xr.open_zarr(store)
-    assert list(ds["channel"].values) == list(WORLD)
-    assert list(ds["channel_units"].values) == [get_channel(c).units for c in WORLD]
+    # the 16 model channels, then the precipitation proxy (the target of precip training)
+    assert list(ds["channel"].values) == list(WORLD_STORE_CHANNELS) == [*WORLD, "tp"]
+    assert list(ds["channel_units"].values) == [get_channel(c).units for c in WORLD_STORE_CHANNELS]
     assert ds.sizes["lat"] == 32 and ds.sizes["lon"] == 64 and ds.sizes["time"] == 12
     assert ds["lat"].values[0] > 87 and ds["lat"].values[-1] < -87  # north -> south, no poles
     x = ds["fields"].values
@@ -74,6 +76,8 @@ def test_tiny_world_end_to_end(tmp_path):
     assert 9.0e4 < ds["fields"].sel(channel="sp").values.mean() < 1.1e5  # Pa
     assert (np.abs(ds["fields"].sel(channel="u250").values).max()) > 5  # winds develop within 30 days
     assert ds["fields"].sel(channel="t850").values.std(axis=0).max() > 0.01  # it evolves in time
+    tp = ds["fields"].sel(channel="tp").values
+    assert tp.min() >= 0 and tp.max() > 0  # metres per 6 h; zero where the low levels diverge
     # cached: the second call is instant and leaves the files alone
     mtime = nc[0].stat().st_mtime
     t = time.perf_counter()

@@ -10,6 +10,14 @@ Batches: ``{"fields": [batch@data, k+1, lat@height, lon@width, channel]}`` in
 physical units -- the train step normalises on the device -- plus, for the
 precipitation model, ``"tp": [batch@data, lat@height, lon@width, 1]`` in metres,
 the accumulation over the 6 h ending at the target time.
+
+Precipitation data: ``tp`` is one more channel of the same store (ERA5's
+convention, fourcastnet-model.md §11.1: ``tp[k]`` is the accumulation over the
+6 h ending at time ``k``). In ``precip`` mode the feed reads windows of k = 1
+with channels ``data.channels + ["tp"]`` and splits each on the device: the
+state at t and t+1 (``fields``, the C input channels) and ``tp`` at t+1 -- the
+state at t pairs with the precipitation of the interval (t, t+1]. Only the C
+input channels are z-scored (``norm``); ``tp`` stays in metres.
 """
 
 from __future__ import annotations
@@ -36,7 +44,38 @@ def _years(pair) -> str:
     return f"{pair[0]}-{pair[1]}"
 
 
+#: The precipitation target's channel name in the store.
+PRECIP_CHANNEL = "tp"
+
+
+def _require_tp(store: str, channels: list[str]) -> None:
+    """Raise a DataError that says how to add ``tp`` when the store lacks it."""
+    from fcn_jax.data.store import open_store
+
+    names = [str(c) for c in open_store(store)["channel"].values]
+    if PRECIP_CHANNEL in names:
+        return
+    raise DataError(
+        f"{store}: precipitation training (train.mode: precip) needs the target channel 'tp' (total "
+        f"precipitation, the 6 h accumulation ending at each time stamp, metres) in the store; it has {names}. "
+        f"Prepare the store again with it: python -m fcn_jax.data prepare SOURCES --out STORE "
+        f"--channels {','.join(channels)},tp (sources holding ERA5 total_precipitation as 6-hourly "
+        "accumulations), or use data.store: world, whose store carries a tp proxy"
+    )
+
+
 class Feed:
+    """The loop's data: training batches, validation batches, statistics.
+
+    Attributes:
+      norm: ``(mean, std)`` ``[C]`` of the C input channels (``data.channels``),
+        replicated on the mesh.
+      climatology: time mean ``[lat, lon, channel]`` (physical units) of the
+        channels validation scores -- ``data.channels``, or ``["tp"]`` in
+        precip mode -- or None when the store has no ``time_mean``.
+      lat: latitudes of the rows, north -> south.
+    """
+
     def __init__(self, cfg: ExperimentConfig, mesh):
         self.cfg = cfg
         self.mesh = mesh
@@ -45,32 +84,50 @@ class Feed:
         self.precip = tcfg.mode == "precip"
         k = 1 if self.precip else tcfg.rollout_steps
         channels = list(dcfg.channels)
-        common = dict(mesh=mesh, batch_size=tcfg.batch_size, channels=channels, rollout_steps=k, stride=dcfg.dt,
+        self.n_channels = len(channels)
+        read = channels
+        if self.precip:
+            _require_tp(self.store, channels)
+            read = channels + [PRECIP_CHANNEL]  # tp last: windows [.., C + 1], split below
+        common = dict(mesh=mesh, batch_size=tcfg.batch_size, channels=read, rollout_steps=k, stride=dcfg.dt,
                       normalize=False, num_workers=dcfg.num_workers, prefetch=dcfg.prefetch,
                       num_threads=dcfg.num_threads)
         self.train_it = make_train_iterator(self.store, seed=tcfg.seed, years=_years(dcfg.train_years), **common)
-        self._valid_source = WindowSource(self.store, channels, k, _years(dcfg.valid_years), stride=dcfg.dt)
+        self._valid_source = WindowSource(self.store, read, k, _years(dcfg.valid_years), stride=dcfg.dt)
         self._valid_common = dict(common, num_workers=0)
-        mean, std = self.train_it.mean, self.train_it.std
+        # statistics of the C input channels only: tp is never z-scored (its target is log1p(tp / eps))
+        mean, std = self.train_it.mean[: self.n_channels], self.train_it.std[: self.n_channels]
         replicated = NamedSharding(mesh, P())
         self.norm = (jax.device_put(jnp.asarray(mean), replicated), jax.device_put(jnp.asarray(std), replicated))
         self.lat = np.asarray(self.train_it.source.lat)
         from fcn_jax.data.store import open_store
 
         ds = open_store(self.store)
+        scored = [PRECIP_CHANNEL] if self.precip else channels
         if "time_mean" in ds:
-            clim = ds["time_mean"].sel(channel=channels).transpose("lat", "lon", "channel").values
+            clim = ds["time_mean"].sel(channel=scored).transpose("lat", "lon", "channel").values
             self.climatology = jax.device_put(jnp.asarray(clim, jnp.float32), replicated)
         else:
             self.climatology = None
+        self._split = None
         if self.precip:
-            raise DataError(
-                f"{self.store}: precipitation training needs a `tp` target aligned with the fields; "
-                "this store has none"
-            )
+            from fcn_jax.data.pipeline import WINDOW_SPEC
+            from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH
+
+            c = self.n_channels
+
+            def split(x):  # x: [batch, 2, lat, lon, C + 1] -> fields [batch, 2, lat, lon, C], tp [batch, lat, lon, 1]
+                return {"fields": x[..., :c], "tp": x[:, 1, :, :, c:]}
+
+            shardings = {"fields": NamedSharding(mesh, WINDOW_SPEC),
+                         "tp": NamedSharding(mesh, P(DATA, HEIGHT, WIDTH, None))}
+            self._split = jax.jit(split, out_shardings=shardings)
+
+    def _batch(self, x) -> dict:
+        return self._split(x) if self._split is not None else {"fields": x}
 
     def next_train(self) -> dict:
-        return {"fields": next(self.train_it)}
+        return self._batch(next(self.train_it))
 
     def get_state(self) -> dict:
         return self.train_it.get_state()
@@ -91,7 +148,7 @@ class Feed:
         for i, x in enumerate(it):
             if i >= min(n, total):
                 break
-            yield {"fields": x}
+            yield self._batch(x)
 
     def close(self) -> None:
         close = getattr(self.train_it, "close", None)

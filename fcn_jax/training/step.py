@@ -72,15 +72,21 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
     Pre-training / fine-tuning: k-step autoregressive relative L2.
     Precipitation: the frozen backbone predicts x_{t+1} from x_t (no gradient),
     PrecipNet maps it to log1p(tp/eps), compared with batch["tp"]: [batch, lat, lon, 1]
-    in metres (the 6 h accumulation ending at t+1).
+    in metres (the 6 h accumulation ending at t+1). Its loss takes the frozen
+    parameters as an optional third argument, ``loss_fn(params, batch,
+    frozen_params)``: pass them under ``jit`` rather than closing over them --
+    a closed-over array becomes a compile-time constant (the whole published
+    backbone baked into the program) and one sharded over several processes'
+    devices cannot be closed over at all. Without it the
+    weights of ``frozen`` are used.
     """
     if mode == "precip":
         if frozen is None:
             raise ValueError("precipitation training needs the frozen backbone")
-        fgraph, fparams = nnx.split(frozen, nnx.Param)
+        fgraph, fparams_default = nnx.split(frozen, nnx.Param)
 
-        def precip_loss(params, batch):
-            wind = nnx.merge(fgraph, fparams)
+        def precip_loss(params, batch, fparams=None):
+            wind = nnx.merge(fgraph, fparams_default if fparams is None else fparams)
             x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
             pred = nnx.merge(graphdef, params)(x_next)
             target = jnp.log1p(batch["tp"] / precip_eps)
@@ -116,15 +122,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights=Non
     A bare array is taken as ``fields``.
     """
     loss_fn = make_loss_fn(graphdef, loss_weights, mode=mode, precip_eps=precip_eps, frozen=frozen)
+    precip = mode == "precip"
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen_params=None):
         if not isinstance(batch, dict):
             batch = {"fields": batch}
         batch = normalize_batch(batch, norm)
-        (loss, per_step), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        extra = (frozen_params,) if precip else ()
+        (loss, per_step), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, *extra)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "loss_per_step": per_step, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, donate_argnums=(0,) if donate else ())
+    if not precip:
+        return jitted
+    # The frozen backbone's weights enter as an argument (see make_loss_fn), never donated.
+    fparams = nnx.split(frozen, nnx.Param)[1]
+
+    def precip_step(state: TrainState, batch):
+        return jitted(state, batch, fparams)
+
+    return precip_step

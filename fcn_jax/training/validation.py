@@ -7,6 +7,12 @@ latitude-weighted RMSE in physical units and the ACC against the store's
 time-mean climatology, FourCastNet's conventions (square root and correlation
 per sample, then the mean over samples). The reductions run on the global
 sharded arrays, so XLA reduces across ``height``/``width`` and ``data``.
+
+Precipitation mode scores the one channel ``tp`` at the 6 h lead: PrecipNet on
+the frozen backbone's prediction, un-logged to metres
+(``eps * expm1(y)``), against the store's ``tp``; ACC against the time mean of
+``tp`` (the original's ``precip/time_means.npy``). The validation loss stays
+the training loss on the log-transformed target.
 """
 
 from __future__ import annotations
@@ -30,23 +36,29 @@ class Validator:
         self.channels = list(cfg.data.channels) if tcfg.mode != "precip" else ["tp"]
         mean, std = feed.norm
         weights = metrics.lat_weights(feed.lat, n_lat=len(feed.lat), scheme=cfg.evaluation.lat_weights)
-        clim = feed.climatology  # [lat, lon, channel] physical, or None
+        clim = feed.climatology  # [lat, lon, channel] physical, of self.channels, or None
         loss_fn = make_loss_fn(graphdef, tcfg.loss_weights or None, mode=tcfg.mode, precip_eps=tcfg.precip_eps,
                                frozen=frozen)
         eps = tcfg.precip_eps
+        # frozen weights: an argument of the jitted function, not a closed-over constant (see make_loss_fn)
+        if self.mode == "precip":
+            fgraph, self._frozen_params = nnx.split(frozen, nnx.Param)
+        else:
+            self._frozen_params = None
 
-        def evaluate(params, batch):
+        def evaluate(params, batch, fparams):
             batch = normalize_batch(batch, feed.norm)
-            loss, per_step = loss_fn(params, batch)
             model = nnx.merge(graphdef, params)
             fields = batch["fields"]
             if self.mode == "precip":
-                wind = nnx.merge(*nnx.split(frozen, nnx.Param))
-                pred = eps * jnp.expm1(model(wind(fields[:, 0])))  # metres
-                truth = batch["tp"]
-                preds, truths = pred[:, None], truth[:, None]
-                clim_n = None
+                loss, per_step = loss_fn(params, batch, fparams)
+                wind = nnx.merge(fgraph, fparams)
+                pred = eps * jnp.expm1(model(wind(fields[:, 0])))  # metres, [batch, lat, lon, 1]
+                truth = batch["tp"]  # metres, [batch, lat, lon, 1]
+                preds, truths = pred[:, None], truth[:, None]  # one lead: [batch, 1, lat, lon, 1]
+                clim_n = clim  # time mean of tp, [lat, lon, 1], or None
             else:
+                loss, per_step = loss_fn(params, batch)
                 k = fields.shape[1] - 1
                 state, outs = fields[:, 0], []
                 for _ in range(k):
@@ -69,7 +81,7 @@ class Validator:
         totals = None
         n = 0
         for batch in self.feed.valid_batches(self.cfg.train.validate_batches):
-            out = self._evaluate(params, batch)
+            out = self._evaluate(params, batch, self._frozen_params)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
             n += 1
         if n == 0:
