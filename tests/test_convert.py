@@ -14,7 +14,6 @@ import re
 import sys
 import textwrap
 from collections import OrderedDict
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -1,9 +1,7 @@
 """The training workflow: modes, exact resume (SIGKILL), resharding, preemption, NaNs, multi-process."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +11,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from fcn_jax.config import load_experiment
 from fcn_jax.data.world import WorldSpec, world_store
@@ -191,29 +188,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
     ck.close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(store, tmp_path):
+    from multiproc import run_one_and_two_processes
+
     ov = _overrides(store, steps=4, validate_every=4, checkpoint_every=4)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    one = subprocess.run(_train_cmd(tmp_path / "one", ov, "--cpu-devices", "8"), capture_output=True, text=True,
-                         timeout=600, cwd=REPO, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(_train_cmd(tmp_path / "two", ov, "--cpu-devices", "4", "--coordinator",
-                                    f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
+    run_one_and_two_processes(lambda wd, *extra: _train_cmd(wd, ov, *extra), tmp_path / "one", tmp_path / "two")
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:

@@ -7,7 +7,6 @@ log1p(tp / eps) and is trained against ``tp`` at t+1, the accumulation over the
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -204,30 +203,15 @@ def test_precip_training_through_the_loop_and_the_cli(store, backbone, tmp_path)
 
 @pytest.mark.slow
 def test_precip_two_processes_match_one(store, backbone, tmp_path):
-    import socket
+    from multiproc import run_one_and_two_processes
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ov = _overrides(store, backbone, steps=4, validate_every=4, checkpoint_every=4)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def cmd(workdir, *extra):
         return [sys.executable, "-m", "fcn_jax.train", "world_precip", "--workdir", str(workdir), "--no-progress",
                 *sum((["--set", o] for o in ov), []), *extra]
 
-    one = subprocess.run(cmd(tmp_path / "one", "--cpu-devices", "8"), capture_output=True, text=True,
-                         timeout=600, cwd=REPO, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    procs = [
-        subprocess.Popen(cmd(tmp_path / "two", "--cpu-devices", "4", "--coordinator", f"127.0.0.1:{port}",
-                             "--num-processes", "2", "--process-id", str(i)),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
+    run_one_and_two_processes(cmd, tmp_path / "one", tmp_path / "two")
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fcn_jax.config import ModelConfig

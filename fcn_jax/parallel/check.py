@@ -67,7 +67,6 @@ def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from fcn_jax.model.afnonet import build_model, shard_model
     from fcn_jax.parallel.axes import IMAGE_SPEC

@@ -17,7 +17,6 @@ validation and checkpointing.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -29,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fcn_jax import checkpoint as model_ckpt
 from fcn_jax.config import ExperimentConfig, dump_experiment
