@@ -28,6 +28,25 @@ def relative_l2(pred, target):
     return jnp.mean(num / den)
 
 
+def rollout(model, x0, k: int):
+    """States x_{t+1} ... x_{t+k} of a k-step autoregressive rollout, [batch, k, lat, lon, channel]."""
+    state, states = x0, []
+    for _ in range(k):
+        state = model(state)
+        states.append(state)
+    return jnp.stack(states, axis=1)
+
+
+def step_losses(preds, targets, weights: Sequence[float] | None = None):
+    """(weighted total, per-step relative L2 [k]) of preds/targets [batch, k, lat, lon, channel]."""
+    k = preds.shape[1]
+    weights = tuple(weights) if weights else (1.0,) * k
+    if len(weights) != k:
+        raise ValueError(f"{len(weights)} loss weights for a {k}-step rollout")
+    per_step = jnp.stack([relative_l2(preds[:, i], targets[:, i]) for i in range(k)])
+    return jnp.sum(per_step * jnp.asarray(weights, jnp.float32)), per_step
+
+
 def rollout_loss(model, window, weights: Sequence[float] | None = None):
     """k-step autoregressive loss with gradients through every application.
 
@@ -35,14 +54,5 @@ def rollout_loss(model, window, weights: Sequence[float] | None = None):
     Returns (total, per-step losses [k]). k = 1 is pre-training; k = 2 with
     equal weights is the original's fine-tuning (L1 + L2).
     """
-    k = window.shape[1] - 1
-    weights = tuple(weights) if weights else (1.0,) * k
-    if len(weights) != k:
-        raise ValueError(f"{len(weights)} loss weights for a {k}-step rollout")
-    state = window[:, 0]
-    losses = []
-    for i in range(1, k + 1):
-        state = model(state)
-        losses.append(relative_l2(state, window[:, i]))
-    per_step = jnp.stack(losses)
-    return jnp.sum(per_step * jnp.asarray(weights, jnp.float32)), per_step
+    preds = rollout(model, window[:, 0], window.shape[1] - 1)
+    return step_losses(preds, window[:, 1:], weights)

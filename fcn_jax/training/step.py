@@ -87,10 +87,7 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
 
         def precip_loss(params, batch, fparams=None):
             wind = nnx.merge(fgraph, fparams_default if fparams is None else fparams)
-            x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
-            pred = nnx.merge(graphdef, params)(x_next)
-            target = jnp.log1p(batch["tp"] / precip_eps)
-            loss = relative_l2(pred, target)
+            loss, _ = precip_forward(nnx.merge(graphdef, params), wind, batch, precip_eps)
             return loss, loss[None]
 
         return precip_loss
@@ -100,6 +97,17 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
         return rollout_loss(model, batch["fields"], loss_weights)
 
     return loss_fn
+
+
+def precip_forward(model, wind, batch: dict, eps: float):
+    """(relative L2 loss, prediction log1p(tp/eps) [batch, lat, lon, 1]) of the precipitation model.
+
+    The frozen wind model predicts x_{t+1} from normalised x_t (no gradient);
+    PrecipNet maps it to log1p(tp/eps), compared with log1p(batch["tp"]/eps).
+    """
+    x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
+    pred = model(x_next)
+    return relative_l2(pred, jnp.log1p(batch["tp"] / eps)), pred
 
 
 def normalize_batch(batch: dict, norm) -> dict:

@@ -24,7 +24,8 @@ from flax import nnx
 
 from fcn_jax import metrics
 from fcn_jax.config import ExperimentConfig
-from fcn_jax.training.step import make_loss_fn, normalize_batch
+from fcn_jax.training.losses import rollout, step_losses
+from fcn_jax.training.step import normalize_batch, precip_forward
 
 
 class Validator:
@@ -34,43 +35,36 @@ class Validator:
         tcfg = cfg.train
         self.mode = tcfg.mode
         self.channels = list(cfg.data.channels) if tcfg.mode != "precip" else ["tp"]
-        mean, std = feed.norm
         weights = metrics.lat_weights(feed.lat, n_lat=len(feed.lat), scheme=cfg.evaluation.lat_weights)
-        clim = feed.climatology  # [lat, lon, channel] physical, of self.channels, or None
-        loss_fn = make_loss_fn(graphdef, tcfg.loss_weights or None, mode=tcfg.mode, precip_eps=tcfg.precip_eps,
-                               frozen=frozen)
         eps = tcfg.precip_eps
-        # frozen weights: an argument of the jitted function, not a closed-over constant (see make_loss_fn)
+        loss_weights = tcfg.loss_weights or None
+        # Arrays enter the jitted function as arguments, never as closed-over constants:
+        # the frozen backbone and a 0.25 deg climatology would be baked into the program.
         if self.mode == "precip":
             fgraph, self._frozen_params = nnx.split(frozen, nnx.Param)
         else:
             self._frozen_params = None
+        self._norm, self._clim = feed.norm, feed.climatology  # clim: [lat, lon, channel] physical, or None
 
-        def evaluate(params, batch, fparams):
-            batch = normalize_batch(batch, feed.norm)
+        def evaluate(params, batch, fparams, norm, clim):
+            mean, std = norm
+            batch = normalize_batch(batch, norm)
             model = nnx.merge(graphdef, params)
             fields = batch["fields"]
             if self.mode == "precip":
-                loss, per_step = loss_fn(params, batch, fparams)
-                wind = nnx.merge(fgraph, fparams)
-                pred = eps * jnp.expm1(model(wind(fields[:, 0])))  # metres, [batch, lat, lon, 1]
-                truth = batch["tp"]  # metres, [batch, lat, lon, 1]
-                preds, truths = pred[:, None], truth[:, None]  # one lead: [batch, 1, lat, lon, 1]
-                clim_n = clim  # time mean of tp, [lat, lon, 1], or None
+                loss, pred_log = precip_forward(model, nnx.merge(fgraph, fparams), batch, eps)
+                per_step = loss[None]
+                preds = (eps * jnp.expm1(pred_log))[:, None]  # metres, one lead: [batch, 1, lat, lon, 1]
+                truths = batch["tp"][:, None]
             else:
-                loss, per_step = loss_fn(params, batch)
-                k = fields.shape[1] - 1
-                state, outs = fields[:, 0], []
-                for _ in range(k):
-                    state = model(state)
-                    outs.append(state)
-                # physical units: x = x_norm * std + mean
-                preds = jnp.stack(outs, axis=1) * std + mean  # [batch, k, lat, lon, channel]
+                # one rollout serves both the loss and the scores
+                preds_n = rollout(model, fields[:, 0], fields.shape[1] - 1)  # [batch, k, lat, lon, channel]
+                loss, per_step = step_losses(preds_n, fields[:, 1:], loss_weights)
+                preds = preds_n * std + mean  # physical units
                 truths = fields[:, 1:] * std + mean
-                clim_n = clim
             rmse = jnp.mean(metrics.weighted_rmse(preds, truths, weights), axis=0)  # [k, channel]
-            if clim_n is not None:
-                acc = jnp.mean(metrics.weighted_acc(preds, truths, clim_n, weights), axis=0)
+            if clim is not None:
+                acc = jnp.mean(metrics.weighted_acc(preds, truths, clim, weights), axis=0)
             else:
                 acc = jnp.full_like(rmse, jnp.nan)
             return loss, per_step, rmse, acc
@@ -81,7 +75,7 @@ class Validator:
         totals = None
         n = 0
         for batch in self.feed.valid_batches(self.cfg.train.validate_batches):
-            out = self._evaluate(params, batch, self._frozen_params)
+            out = self._evaluate(params, batch, self._frozen_params, self._norm, self._clim)
             totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
             n += 1
         if n == 0:
