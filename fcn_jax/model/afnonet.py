@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from fcn_jax.config import ModelConfig
+from fcn_jax.model.activations import gelu_exact
 from fcn_jax.model.spectral import afno_filter
 from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC
 from fcn_jax.parallel.mesh import MeshSizes, current_mesh, single_device_mesh, validate_layout
@@ -282,7 +283,7 @@ def _block_local(p, x, cfg: ModelConfig, sizes: MeshSizes):
     # Megatron MLP: gather channels -> column-parallel fc1 -> GELU -> row-parallel fc2 -> reduce-scatter
     z = gather_channels(z, sizes)  # [b, lat/Ph, lon/Pw, embed]
     h = _dense(z, p["mlp"]["fc1"]["kernel"], p["mlp"]["fc1"]["bias"], dtype)  # [.., mlp/Pc]
-    h = jax.nn.gelu(h, approximate=False)  # exact erf GELU, as the original
+    h = gelu_exact(h)  # exact erf GELU, as the original (explicit derivative: see activations.py)
     h = _dense(h, p["mlp"]["fc2"]["kernel"], None, jnp.float32)  # partial sums [.., embed]
     h = reduce_scatter_channels(h, sizes)  # [.., embed/Pc]
     h = (h + p["mlp"]["fc2"]["bias"]).astype(dtype)  # bias once, after the reduction
