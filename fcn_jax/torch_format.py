@@ -36,6 +36,7 @@ per distinct array object; arrays are written C-contiguous.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -176,6 +177,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._persistent = persistent_load
 
     def find_class(self, module, name):
+        # protocol 2 spells some globals the Python 2 way (__builtin__.set): the names pickle itself maps
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
@@ -231,7 +237,7 @@ def _materialise(obj, source: str):
         view = np.lib.stride_tricks.as_strided(
             base[obj.offset:], obj.size, tuple(s * base.itemsize for s in obj.stride), writeable=False
         )
-        return np.array(view)  # own, contiguous, writable memory (views of one storage no longer alias)
+        return np.array(view, order="C")  # own, C-contiguous, writable memory (views of one storage no longer alias)
     if isinstance(obj, dict):
         out = type(obj)() if type(obj) in (dict, collections.OrderedDict, collections.Counter) else {}
         for k, v in obj.items():
