@@ -5,8 +5,8 @@ original weights, ready for ``model(x)`` with ``x: [batch, lat, lon, channel]``.
 ``python -m fcn_jax.convert CKPT --experiment NAME --out DIR`` writes them as an
 Orbax checkpoint that training, forecasting and evaluation load.
 
-The file is read with ``torch.load(..., weights_only=True)``: no pickled code
-runs. Accepted layouts are what the original tooling wrote: a dict with
+The file is read without PyTorch by ``fcn_jax.torch_format``, whose restricted
+unpickler accepts only tensors and plain containers: no pickled code runs. Accepted layouts are what the original tooling wrote: a dict with
 ``model_state`` (or the legacy ``state_dict``), or a bare state dict; keys with
 or without the DistributedDataParallel ``module.`` prefix; the stray ``ged``
 key is ignored. Every key and shape is checked against the configuration
@@ -22,8 +22,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
 
+from fcn_jax import torch_format
 from fcn_jax.config import ModelConfig
 
 #: Keys the original loaders skip.
@@ -106,50 +108,37 @@ def checkpoint_layout(cfg: ModelConfig, kind: str) -> list[_Entry]:
     raise ValueError(f"kind must be 'backbone' or 'precip', got {kind!r}")
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(
-            "reading PyTorch checkpoints needs torch (CPU build is enough): "
-            "pip install 'fcn_jax[torch]'  (or: pip install torch)"
-        ) from None
-    return torch
-
-
 def read_torch_state_dict(path: str | Path) -> "OrderedDict[str, np.ndarray]":
     """The model state of an original checkpoint as float32 NumPy arrays, prefix stripped."""
-    torch = _import_torch()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or pickled objects outside the allow-list
-        raise CheckpointFormatError(
-            f"{path}: cannot be read with torch.load(weights_only=True): {e}. Only tensor "
-            "checkpoints are accepted; no pickled code is executed."
-        ) from None
+        ckpt = torch_format.load(path)  # FileNotFoundError passes through
+    except torch_format.TorchFormatError as e:  # corrupt file, or pickled objects outside the allow-list
+        raise CheckpointFormatError(f"{e} Only tensor checkpoints are accepted.") from None
     if not isinstance(ckpt, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, got {type(ckpt).__name__}")
     if "model_state" in ckpt:
         state = ckpt["model_state"]
     elif "state_dict" in ckpt:
         state = ckpt["state_dict"]
-    elif ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
+    elif ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
         state = ckpt  # a bare state dict
     else:
         raise CheckpointFormatError(
-            f"{path}: no 'model_state' (or legacy 'state_dict') entry; top-level keys: {sorted(ckpt)[:10]}"
+            f"{path}: no 'model_state' (or legacy 'state_dict') entry; top-level keys: {sorted(map(str, ckpt))[:10]}"
         )
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: the model state is a {type(state).__name__}, not a dict")
     out: "OrderedDict[str, np.ndarray]" = OrderedDict()
     for key, tensor in state.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module."):] if isinstance(key, str) and key.startswith("module.") else key
         if name in IGNORED_KEYS:
             continue
-        if not hasattr(tensor, "detach"):
+        if not isinstance(tensor, np.ndarray):
             raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        out[name] = tensor.detach().to(torch.float32).numpy()
+        if not (np.issubdtype(tensor.dtype, np.floating) or tensor.dtype == ml_dtypes.bfloat16):
+            raise CheckpointFormatError(f"{path}: entry {key!r} has dtype {tensor.dtype}, expected a float type")
+        out[name] = tensor.astype(np.float32)
     return out
 
 
@@ -249,15 +238,13 @@ def to_torch_state_dict(model) -> "OrderedDict[str, np.ndarray]":
 
 
 def save_torch_checkpoint(model, path: str | Path, ddp_prefix: bool = True) -> None:
-    """Write ``{'model_state': ...}`` as the original training script did (atomically)."""
-    torch = _import_torch()
+    """Write ``{'iters', 'epoch', 'model_state'}`` as the original training script did (atomically).
+
+    No PyTorch needed; the original's ``torch.load`` (also with ``weights_only=True``) reads it.
+    """
     prefix = "module." if ddp_prefix else ""
-    # np.array copies: arrays viewing JAX buffers are read-only, torch tensors must own writable memory
-    state = OrderedDict((prefix + k, torch.from_numpy(np.array(v))) for k, v in to_torch_state_dict(model).items())
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"iters": 0, "epoch": 0, "model_state": state}, tmp)
-    tmp.replace(path)
+    state = OrderedDict((prefix + k, v) for k, v in to_torch_state_dict(model).items())
+    torch_format.save({"iters": 0, "epoch": 0, "model_state": state}, path)
 
 
 def main(argv=None) -> int:
@@ -282,7 +269,7 @@ def main(argv=None) -> int:
         model_cfg = dataclasses.replace(cfg.model, kind=kind, out_channels=1 if kind == "precip" else cfg.model.out_channels)
         model = load_torch_checkpoint(args.ckpt, model_cfg, kind)
         checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name})
-    except (ConfigError, CheckpointFormatError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ConfigError, CheckpointFormatError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fcn_jax.model.afnonet import count_params

@@ -1,19 +1,25 @@
 """Import/export of original FourCastNet PyTorch checkpoints, the converter CLI and Orbax restore.
 
-Checkpoints are written here with ``torch.save`` exactly as the original
-``train.py`` did (model spec §8): ``{"iters", "epoch", "model_state":
-{"module." + key: tensor}, "optimizer_state_dict": ...}``, plus the stray
-``ged`` key some released files carry. Outputs are compared with the
-independent NumPy reference in ``tests/reference_fcn.py``.
+Checkpoints are written here in the original's layout (model spec §8):
+``{"iters", "epoch", "model_state": {"module." + key: tensor},
+"optimizer_state_dict": ...}``, plus the stray ``ged`` key some released files
+carry, with ``fcn_jax.torch_format.save`` (no PyTorch needed; that writer is
+checked against ``torch.load`` in test_torch_format.py), and also read from
+``tests/fixtures/afno_tiny*.ckpt``, real ``torch.save`` files. Outputs are
+compared with the independent NumPy reference in ``tests/reference_fcn.py``.
 """
 
 import collections
 import dataclasses
+import importlib.util
 import os
+import pickle
 import re
 import sys
 import textwrap
+import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,17 +31,20 @@ from jax.sharding import PartitionSpec as P
 import reference_fcn as ref
 from test_model import nhwc, rel_err, to_model_config
 
-torch = pytest.importorskip("torch")
-
-from fcn_jax import checkpoint  # noqa: E402
-from fcn_jax.config import FCN_CHANNELS  # noqa: E402
-from fcn_jax.convert import (  # noqa: E402
+from fcn_jax import checkpoint, torch_format
+from fcn_jax.config import FCN_CHANNELS
+from fcn_jax.convert import (
     CheckpointFormatError,
     load_torch_checkpoint,
     main,
     save_torch_checkpoint,
     to_torch_state_dict,
 )
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("make_torch_fixtures", FIXTURES / "make_torch_fixtures.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
 
 # Non-square token grid (6 x 20) with a fractional hard_thresholding_fraction.
 NONSQUARE = ref.RefConfig(img_size=(24, 80), patch_size=(4, 4), in_chans=4, out_chans=4, embed_dim=32, depth=2,
@@ -49,7 +58,8 @@ MESHABLE = ref.RefConfig(img_size=(16, 32), patch_size=(4, 4), in_chans=3, out_c
 def _optimizer_state(sd):
     """A plain Adam-like optimizer state (ints, floats, tuples, tensors), as torch.optim writes it."""
     state = {
-        i: {"step": torch.tensor(17.0), "exp_avg": torch.zeros(v.shape), "exp_avg_sq": torch.full(v.shape, 1e-8)}
+        i: {"step": np.array(17.0, np.float32), "exp_avg": np.zeros(v.shape, np.float32),
+            "exp_avg_sq": np.full(v.shape, 1e-8, np.float32)}
         for i, v in enumerate(sd.values())
     }
     groups = [{"lr": 5e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "amsgrad": False,
@@ -62,16 +72,16 @@ def write_original_ckpt(path, sd, *, layout="model_state", prefix="module.", ged
     state = OrderedDict()
     items = list(sd.items())
     for i, (k, v) in enumerate(items):
-        state[prefix + k] = torch.from_numpy(np.array(v))
+        state[prefix + k] = np.array(v)
         if ged and i == len(items) // 2:  # the stray key, somewhere in the middle
-            state[prefix + "ged"] = torch.zeros(3)
+            state[prefix + "ged"] = np.zeros(3, np.float32)
     if layout == "bare":
         obj = state
     else:
         obj = {"iters": 12345, "epoch": 7, layout: state}
         if optimizer:
             obj["optimizer_state_dict"] = _optimizer_state(sd)
-    torch.save(obj, path)
+    torch_format.save(obj, path)
     return path
 
 
@@ -107,6 +117,28 @@ def test_backbone_checkpoint_matches_reference(backbone_ckpt, backbone_sd):
     model = load_torch_checkpoint(backbone_ckpt, cfg, "backbone")
     assert model.config.kind == "backbone"
     assert_matches_reference(model, backbone_sd, NONSQUARE, "backbone")
+
+
+@pytest.mark.parametrize("name", ["afno_tiny.ckpt", "afno_tiny_legacy.ckpt"])
+def test_real_torch_save_fixture_matches_reference(name):
+    # written by torch.save (tests/fixtures/make_torch_fixtures.py), read here without PyTorch
+    model = load_torch_checkpoint(FIXTURES / name, to_model_config(fx.TINY), "backbone")
+    assert_matches_reference(model, fx.tiny_state_dict(), fx.TINY, "backbone", seed=4)
+    out = to_torch_state_dict(model)
+    for k, v in fx.tiny_state_dict().items():
+        np.testing.assert_array_equal(out[k], v)
+
+
+def test_half_precision_weights_are_widened(tmp_path, backbone_sd):
+    import ml_dtypes
+
+    for dtype in (np.float16, ml_dtypes.bfloat16, np.float64):
+        low = OrderedDict((k, v.astype(dtype)) for k, v in backbone_sd.items())
+        path = write_original_ckpt(tmp_path / "low.ckpt", low)
+        out = to_torch_state_dict(load_torch_checkpoint(path, to_model_config(NONSQUARE), "backbone"))
+        for k, v in low.items():
+            assert out[k].dtype == np.float32
+            np.testing.assert_array_equal(out[k], v.astype(np.float32))
 
 
 def test_precip_checkpoint_matches_reference(tmp_path):
@@ -148,7 +180,7 @@ def test_export_equals_original_exactly_and_in_order(backbone_ckpt, backbone_sd)
     out = to_torch_state_dict(model)
     assert isinstance(out, OrderedDict)
     # the original's state_dict() order, 'module.' and 'ged' dropped
-    original_keys = [k[len("module."):] for k in torch.load(backbone_ckpt, weights_only=True)["model_state"]]
+    original_keys = [k[len("module."):] for k in torch_format.load(backbone_ckpt)["model_state"]]
     assert list(out) == [k for k in original_keys if k != "ged"] == list(backbone_sd)
     assert list(out) == [k for k, _ in ref.state_dict_keys_and_shapes(NONSQUARE, "backbone")]
     for k, v in backbone_sd.items():
@@ -163,12 +195,13 @@ def test_save_then_load_torch_checkpoint(tmp_path, backbone_ckpt, backbone_sd, d
     path = tmp_path / "exported.ckpt"
     save_torch_checkpoint(model, path, ddp_prefix=ddp_prefix)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported.ckpt"]  # no temp file left
-    raw = torch.load(path, map_location="cpu", weights_only=True)  # readable by the original's loader
+    raw = torch_format.load(path)
     prefix = "module." if ddp_prefix else ""
+    assert raw["iters"] == 0 and raw["epoch"] == 0
     assert list(raw["model_state"]) == [prefix + k for k in backbone_sd]
     for k, v in backbone_sd.items():
-        assert raw["model_state"][prefix + k].dtype == torch.float32
-        np.testing.assert_array_equal(raw["model_state"][prefix + k].numpy(), v)
+        assert raw["model_state"][prefix + k].dtype == np.float32
+        np.testing.assert_array_equal(raw["model_state"][prefix + k], v)
     again = load_torch_checkpoint(path, cfg, "backbone")
     out = to_torch_state_dict(again)
     for k, v in backbone_sd.items():
@@ -214,6 +247,28 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path, backbone_sd):
         load_torch_checkpoint(path, to_model_config(NONSQUARE_PRECIP, kind="precip"), "precip")
 
 
+def test_saved_checkpoint_loads_in_torch(tmp_path, backbone_ckpt, backbone_sd):
+    torch = pytest.importorskip("torch")
+    model = load_torch_checkpoint(backbone_ckpt, to_model_config(NONSQUARE), "backbone")
+    path = tmp_path / "exported.ckpt"
+    save_torch_checkpoint(model, path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # what the original's loader does
+    assert list(raw["model_state"]) == ["module." + k for k in backbone_sd]
+    for k, v in backbone_sd.items():
+        assert raw["model_state"]["module." + k].dtype == torch.float32
+        np.testing.assert_array_equal(raw["model_state"]["module." + k].numpy(), v)
+
+
+def test_torch_save_checkpoint_loads(tmp_path, backbone_sd):
+    torch = pytest.importorskip("torch")
+    state = OrderedDict(("module." + k, torch.from_numpy(v)) for k, v in backbone_sd.items())
+    path = tmp_path / "torch.ckpt"
+    torch.save({"iters": 1, "epoch": 2, "model_state": state}, path)
+    out = to_torch_state_dict(load_torch_checkpoint(path, to_model_config(NONSQUARE), "backbone"))
+    for k, v in backbone_sd.items():
+        np.testing.assert_array_equal(out[k], v)
+
+
 class _Canary:
     """Unpickling this runs ``os.mkdir(marker)``: proof that pickled code executed."""
 
@@ -231,28 +286,27 @@ def _counter_fn():  # a module-level function, pickled by reference
 @pytest.mark.parametrize("payload", ["canary", "deque", "function"])
 def test_pickled_objects_are_refused_and_never_run(tmp_path, backbone_sd, payload):
     marker = tmp_path / "code_ran"
-    obj = {"canary": lambda: _Canary(marker), "deque": lambda: collections.deque([1, 2]),
-           "function": lambda: _counter_fn}[payload]()
-    state = OrderedDict(("module." + k, torch.from_numpy(v)) for k, v in backbone_sd.items())
+    obj, name = {"canary": (_Canary(marker), f"{os.mkdir.__module__}.mkdir"),
+                 "deque": (collections.deque([1, 2]), "collections.deque"),
+                 "function": (_counter_fn, "test_convert._counter_fn")}[payload]
     path = tmp_path / "evil.ckpt"
-    torch.save({"iters": 0, "epoch": 0, "model_state": state, "optimizer_state_dict": {"extra": obj}}, path)
-    with pytest.raises(CheckpointFormatError, match=re.escape(str(path)) + ".*weights_only=True"):
+    with zipfile.ZipFile(path, "w") as zf:  # torch.save's layout; the object sits in the optimizer state
+        evil = {"iters": 0, "epoch": 0, "model_state": {}, "optimizer_state_dict": {"extra": obj}}
+        zf.writestr("evil/data.pkl", pickle.dumps(evil, protocol=2))
+        zf.writestr("evil/version", "3\n")
+    with pytest.raises(CheckpointFormatError, match=re.escape(str(path)) + f".*refused.*'{re.escape(name)}'"):
         load_torch_checkpoint(path, to_model_config(NONSQUARE), "backbone")
     assert not marker.exists()
     if payload == "canary":  # the payload is live: unpickling it unsafely would have run it
-        import pickle
-
         live = tmp_path / "live"
         pickle.loads(pickle.dumps(_Canary(live)))
         assert live.is_dir()
 
 
-def test_allowlisted_plain_data_in_optimizer_state_is_accepted(tmp_path, backbone_sd):
-    # torch's weights_only allow-list includes plain containers such as Counter: data, not code
-    state = OrderedDict(("module." + k, torch.from_numpy(v)) for k, v in backbone_sd.items())
-    path = tmp_path / "ok.ckpt"
-    torch.save({"iters": 0, "epoch": 0, "model_state": state,
-                "optimizer_state_dict": {"counts": collections.Counter(a=1), "ids": {1, 2}}}, path)
+def test_optimizer_state_with_plain_data_is_accepted(tmp_path, backbone_sd):
+    path = write_original_ckpt(tmp_path / "ok.ckpt", backbone_sd)
+    ckpt = torch_format.load(path)
+    assert ckpt["optimizer_state_dict"]["param_groups"][0]["betas"] == (0.9, 0.999)
     out = to_torch_state_dict(load_torch_checkpoint(path, to_model_config(NONSQUARE), "backbone"))
     np.testing.assert_array_equal(out["head.weight"], backbone_sd["head.weight"])
 
@@ -263,11 +317,11 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointFormatError, match=re.escape(str(junk))):
         load_torch_checkpoint(junk, to_model_config(NONSQUARE), "backbone")
     nodict = tmp_path / "list.ckpt"
-    torch.save([torch.zeros(2)], nodict)
+    torch_format.save([np.zeros(2, np.float32)], nodict)
     with pytest.raises(CheckpointFormatError, match=re.escape(str(nodict)) + ".*expected a dict"):
         load_torch_checkpoint(nodict, to_model_config(NONSQUARE), "backbone")
     nostate = tmp_path / "nostate.ckpt"
-    torch.save({"iters": 1, "epoch": 2}, nostate)
+    torch_format.save({"iters": 1, "epoch": 2}, nostate)
     with pytest.raises(CheckpointFormatError, match=r"model_state.*state_dict"):
         load_torch_checkpoint(nostate, to_model_config(NONSQUARE), "backbone")
 
@@ -282,12 +336,13 @@ def test_bad_kind(backbone_ckpt):
         load_torch_checkpoint(backbone_ckpt, to_model_config(NONSQUARE), "wind")
 
 
-def test_without_torch_the_error_says_how_to_install(monkeypatch, backbone_ckpt, tmp_path):
+def test_without_torch_import_and_export_work(monkeypatch, backbone_ckpt, backbone_sd, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(ImportError, match=r"pip install"):
-        load_torch_checkpoint(backbone_ckpt, to_model_config(NONSQUARE), "backbone")
-    with pytest.raises(ImportError, match=r"fcn_jax\[torch\]"):
-        load_torch_checkpoint(backbone_ckpt, to_model_config(NONSQUARE), "backbone")
+    model = load_torch_checkpoint(backbone_ckpt, to_model_config(NONSQUARE), "backbone")
+    save_torch_checkpoint(model, tmp_path / "out.ckpt")
+    out = to_torch_state_dict(load_torch_checkpoint(tmp_path / "out.ckpt", to_model_config(NONSQUARE), "backbone"))
+    for k, v in backbone_sd.items():
+        np.testing.assert_array_equal(out[k], v)
 
 
 # --------------------------------------------------------------------------- #
@@ -369,6 +424,11 @@ def test_cli_failures_leave_no_directory(tmp_path, converted, capsys, monkeypatc
     assert "no_such_experiment" in capsys.readouterr().err
     assert main([str(tmp_path / "none.ckpt"), "--experiment", str(yaml_path), "--out", str(out)]) == 2
     assert "none.ckpt" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [bad]
+    # a malicious pickle (a real torch.save file): refused by name, nothing run, nothing written
+    monkeypatch.chdir(tmp_path)
+    assert main([str(FIXTURES / "evil_exec.ckpt"), "--experiment", str(yaml_path), "--out", str(out)]) == 2
+    assert "refused to load global 'builtins.exec'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [bad]
 
     # a failure while writing (after Orbax wrote the parameters): no partial directory stays behind
