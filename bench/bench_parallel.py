@@ -24,7 +24,9 @@ Byte convention (per device, per step; shapes in the compiled HLO are per device
 * collective-permute: result bytes x 1
 with P the replica-group size of the instruction. The prediction uses the same
 convention: spectral all-to-alls ``A*[(Pw-1)/Pw + (Ph-1)/Ph*2M'/W]`` per
-transform, ``A = 4*b*C*H*W/(Pc*Ph*Pw)``, 4 transforms per layer (forward and
+transform for the channel-block layout and
+``A*[(Pw-1)/Pw*(1 + 2M'/W) + (Ph-1)/Ph*2M'/W*(1 + L'/H)]`` for the pencil layout
+(modes padded to the split), ``A = 4*b*C*H*W/(Pc*Ph*Pw)``, 4 transforms per layer (forward and
 inverse, forward and backward pass; 6 with --remat, which recomputes the
 forward); MLP all-gather / reduce-scatter of the full-channel local activation
 (compute dtype forward, float32 backward for the gather; float32 forward,
@@ -142,17 +144,32 @@ def collective_bytes(hlo_text: str, n_devices: int) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def predicted_bytes(cfg, shape, local_batch: int, param_leaves) -> dict:
-    """param_leaves: [(local_bytes, replication_group_size)] per parameter."""
+def spectral_bytes_per_transform(cfg, shape, local_batch: int, layout: str) -> float:
+    """All-to-all bytes one device sends per forward transform (spec §13; inverse the same).
+
+    channel_block: ``A*[(Pw-1)/Pw + (Ph-1)/Ph * 2M'/W]``;
+    pencil: ``A*[(Pw-1)/Pw * (1 + 2M'/W) + (Ph-1)/Ph * 2M'/W * (1 + L'/H)]`` with the kept
+    longitude bins M' padded to a multiple of Pw and the kept rows L' to a multiple of Ph.
+    """
     from fcn_jax.model.spectral import kept_ranges
 
+    _, pc, ph, pw = shape
+    h, w = cfg.token_grid
+    (r0, r1), bins = kept_ranges(h, w, cfg.hard_thresholding_fraction)
+    a = 4.0 * local_batch * cfg.embed_dim * h * w / (pc * ph * pw)
+    if layout == "pencil":
+        bins_p, rows_p = -(-bins // pw) * pw, -(-(r1 - r0) // ph) * ph
+        return a * ((pw - 1) / pw * (1 + 2 * bins_p / w) + (ph - 1) / ph * 2 * bins_p / w * (1 + rows_p / h))
+    return a * ((pw - 1) / pw + (ph - 1) / ph * 2 * bins / w)
+
+
+def predicted_bytes(cfg, shape, local_batch: int, param_leaves, layout: str = "channel_block") -> dict:
+    """param_leaves: [(local_bytes, replication_group_size)] per parameter."""
     pd, pc, ph, pw = shape
     h, w = cfg.token_grid
     c = cfg.embed_dim
     b = local_batch
-    _, bins = kept_ranges(h, w, cfg.hard_thresholding_fraction)
-    a = 4.0 * b * c * h * w / (pc * ph * pw)
-    per_transform = a * ((pw - 1) / pw + (ph - 1) / ph * 2 * bins / w)
+    per_transform = spectral_bytes_per_transform(cfg, shape, local_batch, layout)
     transforms = 6 if cfg.remat else 4
     cb = 2 if cfg.compute_dtype == "bfloat16" else 4
     pred = {op: 0.0 for op in OPS}
@@ -204,7 +221,8 @@ def run_case(case: dict, n_devices: int) -> dict:
         res["error"] = f"needs {math.prod(shape)} devices, {len(jax.devices())} available"
         return res
     try:
-        validate_layout(MeshSizes(*shape), cfg, batch_size=global_batch)
+        layout = validate_layout(MeshSizes(*shape), cfg, batch_size=global_batch).spectral_layout
+        res["spectral_layout"] = layout
     except MeshError as e:
         res["refused"] = str(e)
         return res
@@ -230,7 +248,7 @@ def run_case(case: dict, n_devices: int) -> dict:
     for x in jax.tree.leaves(state.params):
         local = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         leaves.append((local, math.prod(shape) * local // (math.prod(x.shape) * x.dtype.itemsize)))
-    res["predicted_bytes"] = predicted_bytes(cfg, shape, local_batch, leaves)
+    res["predicted_bytes"] = predicted_bytes(cfg, shape, local_batch, leaves, layout)
     res["param_bytes_per_device"] = sum(nb for nb, _ in leaves)
     res["host_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     return res
@@ -278,14 +296,14 @@ def print_tables(results, args):
         if r["config"].startswith("0.1"):
             target = "yes" if m["total"] / GB < TARGET_GB else "NO"
         rows.append([
-            r["config"], mesh, "ok", _fmt_gb(m["argument"]), _fmt_gb(m["output"]), _fmt_gb(m["alias"]),
+            r["config"], mesh, r.get("spectral_layout", "ok"), _fmt_gb(m["argument"]), _fmt_gb(m["output"]), _fmt_gb(m["alias"]),
             _fmt_gb(m["temp"]), _fmt_gb(m["total"]), target,
             f"{r['flops_per_device'] / 1e12:.3f}", f"{r['compile_s']:.0f}", f"{r['host_maxrss_gb']:.1f}",
         ])
     print(f"Per-device compiled memory of the train step (GB = 1e9 B), batch 1 per data shard, "
           f"{args.cpu_devices} emulated CPU devices{', remat' if args.remat else ''}{', bf16' if args.bf16 else ''}")
     print(format_table(
-        ["config", "mesh d,c,h,w", "status", "arg", "out", "alias", "temp", "arg+out-alias+temp", "<80GB",
+        ["config", "mesh d,c,h,w", "layout", "arg", "out", "alias", "temp", "arg+out-alias+temp", "<80GB",
          "TFLOP/dev", "compile s", "host RSS GB"],
         rows, ["l", "l", "l"] + ["r"] * 9))
     print("  (seed talk: 0.25deg/p8/12 9.3 GB scaffolding / 3.4 GB running per sample; "

@@ -138,8 +138,15 @@ class MeshConfig:
     channel: int = 1
     height: int = 1
     width: int = 1
+    #: AFNO spectral-filter layout: ``channel_block`` (2 all-to-alls per transform;
+    #: channel*height*width must divide the AFNO blocks), ``pencil`` (4 per transform;
+    #: only channel must divide the blocks, so model parallelism may exceed them) or
+    #: ``auto`` = channel_block when it applies, else pencil (README, Parallelism).
+    spectral_layout: Literal["auto", "channel_block", "pencil"] = "auto"
 
     def __post_init__(self):
+        if self.spectral_layout not in ("auto", "channel_block", "pencil"):
+            _fail("mesh.spectral_layout", f"must be one of auto, channel_block, pencil; got {self.spectral_layout!r}")
         sizes = self.shape
         if sum(s == -1 for s in sizes) > 1:
             _fail("mesh", f"at most one axis may be -1, got {sizes}")

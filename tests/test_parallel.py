@@ -240,7 +240,10 @@ PUBLISHED = ModelConfig()  # 720x1440, patch 8 -> 90x180 tokens, 768 embed, 8 bl
         ((1, 1, 4, 1), r"height=4 does not split .* 90 latitude rows; valid height sizes: \[1, 2, 3, 5, 6, 9, 10"),
         ((1, 1, 1, 7), r"width=7 .* 180 longitude columns.*; valid width sizes: \[1, 2, 3, 4, 5, 6, 9"),
         ((1, 5, 1, 1), r"channel=5 does not divide embed_dim 768 .*valid channel sizes: \[1, 2, 3, 4"),
-        ((1, 2, 2, 4), r"channel\*height\*width = 2\*2\*4 = 16 does not divide the 8 AFNO blocks.*\[1, 2, 4, 8\]"),
+        # neither spectral layout: 16 > 8 blocks for channel-block, and pencil splits blocks over channel
+        ((1, 16, 1, 1), r"channel\*height\*width = 16\*1\*1 = 16 does not divide the 8 AFNO blocks.*\[1, 2, 4, 8\]"
+                        r"(.|\n)*channel=16 does not divide the 8 AFNO blocks \(pencil"),
+        ((1, 1, 1, 5), r"width=5 does not divide the 768 channels per channel slice.*valid width sizes: \[1, 2, 3, 4, 6"),
         ((3, 1, 1, 1), r"data=3 does not divide the global batch 64"),
     ],
 )

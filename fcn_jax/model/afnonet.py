@@ -30,7 +30,7 @@ from fcn_jax.config import ModelConfig
 from fcn_jax.model.activations import gelu_exact
 from fcn_jax.model.spectral import afno_filter
 from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC
-from fcn_jax.parallel.mesh import MeshSizes, current_mesh, single_device_mesh, validate_layout
+from fcn_jax.parallel.mesh import MeshSizes, current_mesh, model_sizes, single_device_mesh
 from fcn_jax.parallel.ops import (
     gather_channels,
     halo_pad_lat_lon,
@@ -231,10 +231,14 @@ def param_values_and_specs(model: nnx.Module, sizes: MeshSizes):
 
 
 def param_shardings(model: nnx.Module, mesh) -> Any:
-    """nnx.State of NamedShardings for every Param, by the logical rules."""
+    """nnx.State of NamedShardings for every Param, by the logical rules.
+
+    The spectral weights' layout follows the spectral layout the model will use
+    on ``mesh`` (:func:`fcn_jax.parallel.mesh.model_sizes`).
+    """
     from jax.sharding import NamedSharding
 
-    sizes = MeshSizes.of(mesh)
+    sizes = model_sizes(mesh, model.config)
     state = nnx.state(model, nnx.Param)
     return jax.tree.map(
         lambda v: NamedSharding(mesh, logical_spec(v.get_metadata()["logical_axes"], sizes)),
@@ -339,8 +343,7 @@ def apply_model(model: AFNONet | PrecipNet, x, mesh=None):
         mesh = current_mesh()
     if mesh is None:
         mesh = single_device_mesh()
-    sizes = MeshSizes(**{k: int(v) for k, v in mesh.shape.items()})
-    validate_layout(sizes, cfg, batch_size=x.shape[0])
+    sizes = model_sizes(mesh, cfg, batch_size=x.shape[0])  # validated, spectral layout resolved
     if tuple(x.shape[1:3]) != tuple(cfg.img_size):
         raise ValueError(
             f"input has lat x lon = {tuple(x.shape[1:3])} but the model was built for img_size "

@@ -39,6 +39,22 @@ MODEL_AXES: tuple[str, ...] = (CHANNEL, HEIGHT, WIDTH)
 #: index of a spectral weight is split major-to-minor as (channel, width, height).
 SPECTRAL_BLOCK_AXES: tuple[str, ...] = (CHANNEL, WIDTH, HEIGHT)
 
+#: Spectral-filter layouts (parallelism spec §3):
+#:   ``channel_block``: modes stay whole, each device filters whole AFNO blocks of
+#:       its own; the block index is split over (channel, width, height).
+#:   ``pencil``: channels stay whole within a ``channel`` slice, Fourier modes are
+#:       split over (height, width); blocks are split over ``channel`` only and the
+#:       spectral weights are replicated over the spatial axes.
+CHANNEL_BLOCK = "channel_block"
+PENCIL = "pencil"
+SPECTRAL_LAYOUTS: tuple[str, ...] = (CHANNEL_BLOCK, PENCIL)
+
+#: Mesh axes of the AFNO block index under each spectral layout (major first).
+BLOCK_AXES_BY_LAYOUT: dict[str, tuple[str, ...]] = {
+    CHANNEL_BLOCK: SPECTRAL_BLOCK_AXES,
+    PENCIL: (CHANNEL,),
+}
+
 #: Logical dimension name -> mesh axis (or tuple of axes, major first, or None).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": DATA,
@@ -47,7 +63,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": CHANNEL,  # embedding features (768 in the published model)
     "embed_full": None,  # embedding gathered over `channel` (input of fc1, output of fc2)
     "mlp": CHANNEL,  # MLP hidden features (3072)
-    "blocks": SPECTRAL_BLOCK_AXES,  # AFNO block-diagonal blocks (8)
+    "blocks": SPECTRAL_BLOCK_AXES,  # AFNO block-diagonal blocks (8); per layout: BLOCK_AXES_BY_LAYOUT
     "reim": None,  # real / imaginary index of the spectral weights
     "block_in": None,
     "block_out": None,
@@ -62,8 +78,14 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def logical_to_spec(names: Sequence[str | None]) -> P:
-    """Map a tuple of logical dimension names to a mesh ``PartitionSpec``."""
+def logical_to_spec(names: Sequence[str | None], spectral_layout: str = CHANNEL_BLOCK) -> P:
+    """Map a tuple of logical dimension names to a mesh ``PartitionSpec``.
+
+    ``spectral_layout`` decides where the AFNO ``blocks`` dimension lives
+    (:data:`BLOCK_AXES_BY_LAYOUT`); every other rule is layout-independent.
+    """
+    if spectral_layout not in BLOCK_AXES_BY_LAYOUT:
+        raise KeyError(f"unknown spectral layout {spectral_layout!r}; known: {list(SPECTRAL_LAYOUTS)}")
     axes = []
     for name in names:
         if name is None:
@@ -73,7 +95,7 @@ def logical_to_spec(names: Sequence[str | None]) -> P:
             raise KeyError(
                 f"unknown logical axis {name!r}; known: {sorted(LOGICAL_RULES)}"
             )
-        axes.append(LOGICAL_RULES[name])
+        axes.append(BLOCK_AXES_BY_LAYOUT[spectral_layout] if name == "blocks" else LOGICAL_RULES[name])
     return P(*axes)
 
 

@@ -7,9 +7,17 @@ the collectives in the compiled train step. Run it on a new cluster before a
 long job::
 
     python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8
+    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,4 --cpu-devices 16   # pencil (auto)
+    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8 \
+        --set mesh.spectral_layout=pencil
+
+The spectral layout is the experiment's ``mesh.spectral_layout`` (``auto`` picks
+channel-block when ``channel*height*width`` divides the AFNO blocks, pencil
+otherwise); the report names the one used.
 
 Exit status: 0 when both errors are within the tolerance (default 1e-5), 1 when
-they are not, 2 when the mesh or the experiment is invalid.
+they are not, 2 when the mesh or the experiment is invalid (with several
+``--mesh``, the worst of them; one report per mesh).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         "parameter gradients, and the collectives of the compiled train step.",
     )
     ap.add_argument("--experiment", required=True, help="experiment name under experiments/ or a YAML path")
-    ap.add_argument("--mesh", required=True, type=_parse_mesh, help="D,C,H,W sizes; -1 = remaining devices")
+    ap.add_argument("--mesh", required=True, type=_parse_mesh, action="append",
+                    help="D,C,H,W sizes; -1 = remaining devices (repeatable: each mesh is checked in turn)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override an experiment value (repeatable)")
     ap.add_argument("--cpu-devices", type=int, default=0, help="emulate N CPU devices (CPU-only machines)")
@@ -61,7 +70,17 @@ def _max_rel(a, b) -> float:
 
 
 def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
-    """Compare ``cfg``'s model on ``mesh_shape`` against one device; returns the report dict."""
+    """Compare ``cfg``'s model on ``mesh_shape`` against one device; returns the report dict.
+
+    Runs under the experiment's ``mesh.spectral_layout``.
+    """
+    from fcn_jax.parallel.mesh import use_spectral_layout
+
+    with use_spectral_layout(cfg.mesh.spectral_layout):
+        return _run_check(cfg, mesh_shape, batch, seed)
+
+
+def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -80,7 +99,7 @@ def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
     shape = resolve_shape(mesh_shape, n_dev)
     batch = batch or shape[0]
     model_cfg = cfg.model
-    validate_layout(MeshSizes(*shape), model_cfg, batch_size=batch)
+    layout = validate_layout(MeshSizes(*shape), model_cfg, batch_size=batch).spectral_layout
 
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     x = jax.random.normal(kx, (batch, *model_cfg.img_size, model_cfg.in_channels), jnp.float32)
@@ -129,6 +148,7 @@ def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
     worst = max(grad_errs, key=grad_errs.get)
     return {
         "mesh": list(shape),
+        "spectral_layout": layout,
         "devices": int(jax.device_count()),
         "platform": jax.devices()[0].platform,
         "batch": batch,
@@ -175,10 +195,20 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_experiment(args.experiment, args.overrides)
-        report = run_check(cfg, args.mesh, batch=args.batch, seed=args.seed)
-    except (ConfigError, MeshError) as e:
+    except ConfigError as e:
         if args.json:
-            print(json.dumps({"mesh": list(args.mesh), "error": str(e)}))
+            print(json.dumps({"error": str(e)}))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return max(_check_one(cfg, mesh, args, MeshError) for mesh in args.mesh)
+
+
+def _check_one(cfg, mesh, args, MeshError) -> int:
+    try:
+        report = run_check(cfg, mesh, batch=args.batch, seed=args.seed)
+    except MeshError as e:
+        if args.json:
+            print(json.dumps({"mesh": list(mesh), "error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["tolerance"] = args.tolerance
@@ -186,17 +216,17 @@ def main(argv=None) -> int:
         report["forward_max_rel_err"] <= args.tolerance and report["grad_max_rel_err"] <= args.tolerance
     )
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report), flush=True)
     else:
         d, c, h, w = report["mesh"]
         print(f"mesh data={d} channel={c} height={h} width={w} on {report['devices']} {report['platform']} devices, "
-              f"batch {report['batch']}")
+              f"batch {report['batch']}, spectral layout {report['spectral_layout']}")
         print(f"  forward  max rel err  {report['forward_max_rel_err']:.3e}")
         print(f"  gradient max rel err  {report['grad_max_rel_err']:.3e}  ({report['worst_grad_param']})")
         print("  collectives in the compiled train step:")
         for name, n in report["collectives"].items():
             print(f"    {name:<20s}{n:>5d}")
-        print("  PASSED" if report["passed"] else f"  FAILED: error above tolerance {args.tolerance:g}")
+        print("  PASSED" if report["passed"] else f"  FAILED: error above tolerance {args.tolerance:g}", flush=True)
     return 0 if report["passed"] else 1
 
 

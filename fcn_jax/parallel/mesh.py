@@ -7,15 +7,22 @@ that would work instead of a shape error deep inside XLA.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from fcn_jax.parallel.axes import CHANNEL, DATA, HEIGHT, MESH_AXES, WIDTH
+from fcn_jax.parallel.axes import CHANNEL, CHANNEL_BLOCK, DATA, HEIGHT, MESH_AXES, PENCIL, SPECTRAL_LAYOUTS, WIDTH
+
+#: Accepted values of ``mesh.spectral_layout``: a layout, or ``auto``.
+AUTO = "auto"
+LAYOUT_CHOICES: tuple[str, ...] = (AUTO, *SPECTRAL_LAYOUTS)
 
 
 class MeshError(ValueError):
@@ -24,16 +31,21 @@ class MeshError(ValueError):
 
 @dataclass(frozen=True)
 class MeshSizes:
-    """Static sizes of the four mesh axes (hashable; used inside traced code)."""
+    """Static sizes of the four mesh axes and the spectral-filter layout in use.
+
+    Hashable; passed into traced code. ``spectral_layout`` is always a concrete
+    layout here (``channel_block`` or ``pencil``), resolved by :func:`validate_layout`.
+    """
 
     data: int = 1
     channel: int = 1
     height: int = 1
     width: int = 1
+    spectral_layout: str = CHANNEL_BLOCK
 
     @classmethod
-    def of(cls, mesh: Mesh) -> "MeshSizes":
-        return cls(**{name: int(mesh.shape[name]) for name in MESH_AXES})
+    def of(cls, mesh: Mesh, spectral_layout: str = CHANNEL_BLOCK) -> "MeshSizes":
+        return cls(**{name: int(mesh.shape[name]) for name in MESH_AXES}, spectral_layout=spectral_layout)
 
     def __getitem__(self, name: str) -> int:
         return getattr(self, name)
@@ -78,23 +90,42 @@ def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, int, 
     return shape  # type: ignore[return-value]
 
 
-def validate_layout(sizes: MeshSizes, model_cfg, batch_size: int | None = None) -> None:
-    """Refuse a mesh the model cannot run on, listing what would work.
+_REQUESTED_LAYOUT: contextvars.ContextVar[str] = contextvars.ContextVar("fcn_jax_spectral_layout", default=AUTO)
 
-    Rules (channel-block spectral layout, parallelism spec §3.1):
-      * ``data`` divides the global batch;
-      * ``height`` divides the latitude tokens and ``width`` the longitude tokens
-        (tiles are whole patches, no halo);
-      * ``channel`` divides the embedding width and the MLP hidden width;
-      * ``channel*height*width`` divides the number of AFNO blocks, so every
-        device holds whole blocks of the block-diagonal spectral MLP after the
-        all-to-alls (the pencil layout, which would lift this, is not implemented).
+
+def _check_layout_name(name: str) -> str:
+    if name not in LAYOUT_CHOICES:
+        raise MeshError(f"mesh.spectral_layout={name!r} is not a layout; valid: {list(LAYOUT_CHOICES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_spectral_layout(name: str) -> Iterator[None]:
+    """Request a spectral-filter layout (``auto``, ``channel_block`` or ``pencil``) in this context.
+
+    The experiment's ``mesh.spectral_layout``; the model and :func:`model_sizes`
+    read it when they resolve the layout (at trace time: a function already
+    jitted keeps the layout it was traced with, which computes the same numbers).
     """
+    token = _REQUESTED_LAYOUT.set(_check_layout_name(name))
+    try:
+        yield
+    finally:
+        _REQUESTED_LAYOUT.reset(token)
+
+
+def requested_spectral_layout() -> str:
+    """The layout requested in this context (``auto`` unless :func:`use_spectral_layout` set one)."""
+    return _REQUESTED_LAYOUT.get()
+
+
+def _spatial_problems(sizes: MeshSizes, model_cfg, batch_size: int | None) -> list[str]:
     lat, lon = model_cfg.token_grid
     problems = []
     if batch_size is not None and batch_size % sizes.data:
-        valid = [d for d in _divisors(batch_size)]
-        problems.append(f"data={sizes.data} does not divide the global batch {batch_size}; valid data sizes: {valid}")
+        problems.append(
+            f"data={sizes.data} does not divide the global batch {batch_size}; valid data sizes: {_divisors(batch_size)}"
+        )
     if lat % sizes.height:
         problems.append(
             f"height={sizes.height} does not split the {lat}x{lon} token grid's {lat} latitude rows; "
@@ -111,19 +142,94 @@ def validate_layout(sizes: MeshSizes, model_cfg, batch_size: int | None = None) 
             f"channel={sizes.channel} does not divide embed_dim {model_cfg.embed_dim} and MLP hidden "
             f"{model_cfg.mlp_hidden}; valid channel sizes: {_divisors(common)}"
         )
-    mp = sizes.model_parallel
-    if model_cfg.num_blocks % mp:
-        nb = model_cfg.num_blocks
+    return problems
+
+
+def layout_problems(sizes: MeshSizes, model_cfg, layout: str) -> list[str]:
+    """Why the spectral ``layout`` cannot run on ``sizes`` (empty when it can).
+
+    * ``channel_block``: ``channel*height*width`` divides the AFNO blocks, so each
+      device holds whole blocks after the two all-to-alls (spec §3.1).
+    * ``pencil``: ``channel`` divides the blocks, and the per-device channel slice
+      ``embed/channel`` splits over ``height`` and over ``width`` (the all-to-alls
+      that trade channels for spatial rows/columns). Mode counts impose nothing:
+      the longitude bins and latitude rows are zero-padded to the split (spec §3.2).
+    """
+    nb, c, h, w = model_cfg.num_blocks, sizes.channel, sizes.height, sizes.width
+    if layout == CHANNEL_BLOCK:
+        mp = sizes.model_parallel
+        if nb % mp:
+            return [
+                f"channel*height*width = {c}*{h}*{w} = {mp} does not divide the {nb} AFNO blocks: the "
+                f"channel-block spectral layout gives each device whole blocks; valid products: {_divisors(nb)}"
+            ]
+        return []
+    if layout != PENCIL:
+        raise MeshError(f"unknown spectral layout {layout!r}; valid: {list(SPECTRAL_LAYOUTS)}")
+    problems = []
+    if nb % c:
         problems.append(
-            f"channel*height*width = {sizes.channel}*{sizes.height}*{sizes.width} = {mp} does not divide the "
-            f"{nb} AFNO blocks: the channel-block spectral layout gives each device whole blocks "
-            f"(the pencil layout is not implemented); valid products: {_divisors(nb)}"
+            f"channel={c} does not divide the {nb} AFNO blocks (pencil layout: blocks split over channel); "
+            f"valid channel sizes: {_divisors(math.gcd(nb, math.gcd(model_cfg.embed_dim, model_cfg.mlp_hidden)))}"
         )
+    elif model_cfg.embed_dim % c == 0:
+        local = model_cfg.embed_dim // c
+        lat, lon = model_cfg.token_grid
+        if local % h:
+            problems.append(
+                f"height={h} does not divide the {local} channels per channel slice (embed_dim "
+                f"{model_cfg.embed_dim} / channel {c}) that the pencil layout spreads over height; "
+                f"valid height sizes: {[d for d in _divisors(lat) if local % d == 0]}"
+            )
+        if local % w:
+            problems.append(
+                f"width={w} does not divide the {local} channels per channel slice (embed_dim "
+                f"{model_cfg.embed_dim} / channel {c}) that the pencil layout spreads over width; "
+                f"valid width sizes: {[d for d in _divisors(lon) if local % d == 0]}"
+            )
+    return problems
+
+
+def validate_layout(sizes: MeshSizes, model_cfg, batch_size: int | None = None,
+                    spectral_layout: str | None = None) -> MeshSizes:
+    """Refuse a mesh the model cannot run on, listing what would work; return it with its layout.
+
+    Rules (parallelism spec §3, §8):
+      * ``data`` divides the global batch;
+      * ``height`` divides the latitude tokens and ``width`` the longitude tokens
+        (tiles are whole patches, no halo);
+      * ``channel`` divides the embedding width and the MLP hidden width;
+      * the spectral layout can run (:func:`layout_problems`). ``auto`` (the
+        default; see :func:`use_spectral_layout`) takes ``channel_block`` when
+        ``channel*height*width`` divides the AFNO blocks -- it moves the fewest
+        bytes -- and ``pencil`` otherwise.
+
+    ``spectral_layout`` overrides the requested layout of the context.
+    """
+    requested = _check_layout_name(spectral_layout or requested_spectral_layout())
+    problems = _spatial_problems(sizes, model_cfg, batch_size)
+    if requested == AUTO:
+        block_problems = layout_problems(sizes, model_cfg, CHANNEL_BLOCK)
+        pencil_problems = layout_problems(sizes, model_cfg, PENCIL)
+        layout = CHANNEL_BLOCK if not block_problems else PENCIL
+        if block_problems and pencil_problems:
+            problems += [f"{p} (channel_block layout)" for p in block_problems]
+            problems += [f"{p}" for p in pencil_problems]
+    else:
+        layout = requested
+        problems += layout_problems(sizes, model_cfg, layout)
     if problems:
         raise MeshError(
-            f"mesh (data, channel, height, width) = {sizes.shape} cannot run this model:\n  - "
-            + "\n  - ".join(problems)
+            f"mesh (data, channel, height, width) = {sizes.shape} cannot run this model"
+            f" (spectral layout {requested}):\n  - " + "\n  - ".join(problems)
         )
+    return dataclasses.replace(sizes, spectral_layout=layout)
+
+
+def model_sizes(mesh, model_cfg, batch_size: int | None = None) -> MeshSizes:
+    """The validated :class:`MeshSizes` (layout resolved) of ``model_cfg`` on ``mesh``."""
+    sizes = MeshSizes(**{name: int(mesh.shape[name]) for name in MESH_AXES})
+    return validate_layout(sizes, model_cfg, batch_size)
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -143,10 +249,15 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
 
 def build_mesh(mesh_cfg, model_cfg, batch_size: int | None = None, devices=None) -> Mesh:
-    """Mesh from an experiment's ``mesh`` section, validated against the model."""
+    """Mesh from an experiment's ``mesh`` section, validated against the model.
+
+    The section's ``spectral_layout`` is checked here too; run the model under
+    ``use_spectral_layout(mesh_cfg.spectral_layout)`` to apply it.
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_shape(mesh_cfg.shape, len(devices))
-    validate_layout(MeshSizes(*shape), model_cfg, batch_size)
+    validate_layout(MeshSizes(*shape), model_cfg, batch_size,
+                    spectral_layout=getattr(mesh_cfg, "spectral_layout", None))
     return make_mesh(shape, devices)
 
 
@@ -167,8 +278,14 @@ def current_mesh() -> Mesh | None:
 
 
 __all__ = [
+    "AUTO",
+    "LAYOUT_CHOICES",
     "MeshError",
     "MeshSizes",
+    "layout_problems",
+    "model_sizes",
+    "requested_spectral_layout",
+    "use_spectral_layout",
     "build_mesh",
     "current_mesh",
     "make_mesh",

@@ -33,8 +33,8 @@ def spec_for_mesh(spec: P, sizes: MeshSizes) -> P:
 
 
 def logical_spec(names: Sequence[str | None], sizes: MeshSizes) -> P:
-    """Logical dimension names -> PartitionSpec for this mesh (size-1 axes dropped)."""
-    return spec_for_mesh(logical_to_spec(names), sizes)
+    """Logical dimension names -> PartitionSpec for this mesh and spectral layout (size-1 axes dropped)."""
+    return spec_for_mesh(logical_to_spec(names, sizes.spectral_layout), sizes)
 
 
 def vary(x, sizes: MeshSizes):

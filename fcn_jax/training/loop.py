@@ -32,7 +32,7 @@ from flax import nnx
 from fcn_jax import checkpoint as model_ckpt
 from fcn_jax.config import ExperimentConfig, dump_experiment
 from fcn_jax.model.afnonet import build_model, shard_model
-from fcn_jax.parallel.mesh import build_mesh
+from fcn_jax.parallel.mesh import build_mesh, model_sizes, use_spectral_layout
 from fcn_jax.training import data_feed
 from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
 from fcn_jax.training.optim import make_optimizer
@@ -135,7 +135,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
     tcfg, mcfg = cfg.train, cfg.model
 
     mesh = build_mesh(cfg.mesh, mcfg, tcfg.batch_size)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), use_spectral_layout(cfg.mesh.spectral_layout):
         feed = data_feed.open_feed(cfg, mesh)
         model = _initial_model(cfg)
         model = shard_model(model, mesh)
@@ -162,7 +162,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
 
         end = tcfg.steps if max_steps is None else min(tcfg.steps, start + max_steps)
         finite = jnp.array(True)
-        summary: dict[str, Any] = {"start_step": start}
+        summary: dict[str, Any] = {"start_step": start,
+                                   "spectral_layout": model_sizes(mesh, mcfg, tcfg.batch_size).spectral_layout}
         bar = _progress(start, end, enabled=progress and primary)
         t_last, n_last, wait_s = time.perf_counter(), start, 0.0
         last_saved = start
