@@ -1,0 +1,156 @@
+"""The seed talk's memory table, its extension to 8/16/64 A100-80GB, and the time-to-solution figure."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fcn_jax.config import ModelConfig
+from fcn_jax.parallel.mesh import MeshSizes
+from fcn_jax.perf import model as pm
+from fcn_jax.perf.hardware import HARDWARE
+from fcn_jax.perf.predict import cheapest_fitting
+
+GB = 1e9
+
+#: The seed talk's per-sample memory, "scaffolding / running" in GB (jax-notes §13).
+SEED_TABLE = [
+    ("0.25°/p8/12", dict(img_size=(720, 1440), patch_size=(8, 8), depth=12), 9.3, 3.4),
+    ("0.25°/p4/12", dict(img_size=(720, 1440), patch_size=(4, 4), depth=12), 32.4, 7.0),
+    ("0.25°/p2/12", dict(img_size=(720, 1440), patch_size=(2, 2), depth=12), 80.0, None),
+    ("0.1°/p4/24", dict(img_size=(1800, 3600), patch_size=(4, 4), depth=24), 405.0, 87.5),
+]
+#: XLA:CPU compiled ``argument+output-alias+temp`` / temp for the same (jax-notes §13), GB.
+XLA_CPU_TEMP_GB = {"0.25°/p8/12": 17.2, "0.25°/p4/12": 68.0, "0.1°/p4/24": 843.0}
+
+
+def seed_rows(hw_name: str = "a100-80gb"):
+    """[(name, model scaffolding GB, model running GB, seed scaffolding, seed running, breakdown)] on one device.
+
+    Reading of the seed's columns (the talk gives no definition): *scaffolding* =
+    the float32 train step's state with every activation kept for the backward
+    (parameters + gradients + Adam + activations); *running* = the same with
+    per-block rematerialisation (block inputs + one block's activations).
+    """
+    hw = HARDWARE[hw_name]
+    rows = []
+    for name, kw, seed_s, seed_r in SEED_TABLE:
+        cfg = ModelConfig(**kw)
+        s = pm.Setting(cfg, MeshSizes(), 1, hw)
+        mem = pm.memory_per_device(s)
+        fixed = mem["params"] + mem["optimizer"] + mem["gradients"] + mem["inputs"]
+        rows.append({
+            "config": name, "scaffolding_gb": (fixed + mem["activations_no_remat"]) / GB,
+            "running_gb": (fixed + mem["activations_remat"]) / GB, "seed_scaffolding_gb": seed_s,
+            "seed_running_gb": seed_r, "state_gb": fixed / GB,
+            "activations_gb": mem["activations_no_remat"] / GB, "activations_remat_gb": mem["activations_remat"] / GB,
+            "xla_cpu_temp_gb": XLA_CPU_TEMP_GB.get(name),
+        })
+    return rows
+
+
+def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb"):
+    """Cheapest mesh that fits per configuration and device count (channel-block layout)."""
+    hw = HARDWARE[hw_name]
+    rows = []
+    for name, kw, _, _ in SEED_TABLE:
+        cfg = ModelConfig(**kw)
+        for n in devices:
+            best = cheapest_fitting(cfg, n, hw)
+            if best is None:
+                rows.append({"config": name, "devices": n, "mesh": None,
+                             "note": "no channel-block mesh fits: needs model parallelism beyond the 8 AFNO "
+                                     "blocks (pencil layout) or a pipeline stage axis"})
+                continue
+            per_sample, mesh, remat, mem, t = best
+            rows.append({"config": name, "devices": n, "mesh": mesh.shape, "remat": remat,
+                         "per_device_gb": mem["total"] / GB, "step_s": t, "samples_per_s": mesh.data / t})
+    return rows
+
+
+def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600, global_batch: int = 64):
+    """Training time-to-solution against resolution and against device count (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hw = HARDWARE[hw_name]
+    # same number of samples seen (steps x global batch) at each resolution, patch 8 -> tokens grow as 1/deg^2
+    res = [(1.0, (180, 360)), (0.5, (360, 720)), (0.25, (720, 1440)), (0.125, (1440, 2880)), (0.1, (1800, 3600))]
+    samples = steps * global_batch
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for n, style in ((8, "o-"), (64, "s-"), (512, "^-")):
+        xs, ys = [], []
+        for deg, img in res:
+            cfg = ModelConfig(img_size=img, patch_size=(8, 8) if deg >= 0.25 else (8, 8))
+            if img[0] % 8 or img[1] % 8:
+                continue
+            best = cheapest_fitting(cfg, n, hw)
+            if best is None:
+                continue
+            per_sample = best[0]
+            xs.append(deg)
+            ys.append(samples * per_sample / 86400)
+        axes[0].plot(xs, ys, style, label=f"{n} × {hw_name}")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].invert_xaxis()
+    axes[0].set_xlabel("grid spacing (degrees), patch 8, 12 layers")
+    axes[0].set_ylabel(f"days to train ({steps:,} steps × {global_batch})")
+    axes[0].set_title("time to solution vs resolution")
+    axes[0].grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    for name, kw in (("0.25°/p8/12", dict(img_size=(720, 1440), patch_size=(8, 8), depth=12)),
+                     ("0.25°/p4/12", dict(img_size=(720, 1440), patch_size=(4, 4), depth=12)),
+                     ("0.1°/p4/24", dict(img_size=(1800, 3600), patch_size=(4, 4), depth=24))):
+        cfg = ModelConfig(**kw)
+        xs, ys = [], []
+        for n in (8, 16, 32, 64, 128, 256, 512, 1024):
+            best = cheapest_fitting(cfg, n, hw)
+            if best is None:
+                continue
+            xs.append(n)
+            ys.append(samples * best[0] / 86400)
+        axes[1].plot(xs, ys, "o-", label=name)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel(f"devices ({hw_name})")
+    axes[1].set_ylabel("days to train")
+    axes[1].set_title("time to solution vs device count")
+    axes[1].grid(True, which="both", alpha=0.3)
+    axes[1].legend()
+    fig.suptitle("fcn_jax performance model (speed of light, no overlap, channel-block layout, fp32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_seed_table(rows) -> str:
+    lines = ["| config | model scaffolding GB | seed | model running GB | seed | params+grads+Adam+io GB | "
+             "activations GB (no remat / remat) | XLA:CPU temp GB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sr = "-" if r["seed_running_gb"] is None else f"{r['seed_running_gb']:.1f}"
+        ss = f"{r['seed_scaffolding_gb']:.1f}" + ("+" if r["config"] == "0.25°/p2/12" else "")
+        xt = "-" if r["xla_cpu_temp_gb"] is None else f"{r['xla_cpu_temp_gb']:.1f}"
+        lines.append(f"| {r['config']} | {r['scaffolding_gb']:.1f} | {ss} | {r['running_gb']:.1f} | {sr} | "
+                     f"{r['state_gb']:.2f} | {r['activations_gb']:.1f} / {r['activations_remat_gb']:.1f} | {xt} |")
+    return "\n".join(lines)
+
+
+def format_extension_table(rows) -> str:
+    lines = ["| config | devices | cheapest mesh (d,c,h,w) | remat | GB/device | step s | samples/s |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["mesh"] is None:
+            lines.append(f"| {r['config']} | {r['devices']} | none fits | | | | {r['note']} |")
+        else:
+            lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))} | "
+                         f"{'yes' if r['remat'] else 'no'} | {r['per_device_gb']:.1f} | {r['step_s']:.3f} | "
+                         f"{r['samples_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["SEED_TABLE", "extension_rows", "format_extension_table", "format_seed_table",
+           "plot_time_to_solution", "seed_rows"]
+_ = dataclasses
