@@ -58,12 +58,11 @@ def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb"):
             best = cheapest_fitting(cfg, n, hw)
             if best is None:
                 rows.append({"config": name, "devices": n, "mesh": None,
-                             "note": "no channel-block mesh fits: needs model parallelism beyond the 8 AFNO "
-                                     "blocks (pencil layout) or a pipeline stage axis"})
+                             "note": "no mesh fits in either layout (a pipeline stage axis would be needed)"})
                 continue
-            per_sample, mesh, remat, mem, t = best
-            rows.append({"config": name, "devices": n, "mesh": mesh.shape, "remat": remat,
-                         "per_device_gb": mem["total"] / GB, "step_s": t, "samples_per_s": mesh.data / t})
+            rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                         "remat": best.remat, "per_device_gb": best.memory["total"] / GB, "step_s": best.step_s,
+                         "samples_per_s": best.mesh.data / best.step_s})
     return rows
 
 
@@ -88,9 +87,8 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
             best = cheapest_fitting(cfg, n, hw)
             if best is None:
                 continue
-            per_sample = best[0]
             xs.append(deg)
-            ys.append(samples * per_sample / 86400)
+            ys.append(samples * best.per_sample_s / 86400)
         axes[0].plot(xs, ys, style, label=f"{n} × {hw_name}")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
@@ -110,7 +108,7 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
             if best is None:
                 continue
             xs.append(n)
-            ys.append(samples * best[0] / 86400)
+            ys.append(samples * best.per_sample_s / 86400)
         axes[1].plot(xs, ys, "o-", label=name)
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
@@ -139,13 +137,13 @@ def format_seed_table(rows) -> str:
 
 
 def format_extension_table(rows) -> str:
-    lines = ["| config | devices | cheapest mesh (d,c,h,w) | remat | GB/device | step s | samples/s |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| config | devices | cheapest mesh (d,c,h,w) | layout | remat | GB/device | step s | samples/s |",
+             "|---|---:|---|---|---|---:|---:|---:|"]
     for r in rows:
         if r["mesh"] is None:
-            lines.append(f"| {r['config']} | {r['devices']} | none fits | | | | {r['note']} |")
+            lines.append(f"| {r['config']} | {r['devices']} | none fits | | | | | {r['note']} |")
         else:
-            lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))} | "
+            lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))} | {r['layout']} | "
                          f"{'yes' if r['remat'] else 'no'} | {r['per_device_gb']:.1f} | {r['step_s']:.3f} | "
                          f"{r['samples_per_s']:.1f} |")
     return "\n".join(lines)
