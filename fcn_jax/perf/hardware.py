@@ -56,6 +56,8 @@ class Hardware:
     devices_per_node: int = 8
     #: fraction of ``mem_bytes`` usable by the program (runtime, CUDA context, fragmentation)
     usable_fraction: float = 0.95
+    #: FFT rate in XLA's flop convention (``8*floor(log2 n)`` per element); None: ``vector_flops``
+    fft_flops: float | None = None
     notes: str = ""
 
     def matmul_peak(self, dtype: str) -> float:
@@ -64,6 +66,9 @@ class Hardware:
     def peak_for_mfu(self, dtype: str) -> float:
         """The peak MFU is quoted against: the compute dtype's matmul peak."""
         return self.matmul_flops[dtype]
+
+    def fft_peak(self) -> float:
+        return self.fft_flops or self.vector_flops
 
     def link_for_span(self, span: int) -> Link:
         """Link of a collective group whose devices lie within ``span`` consecutive devices."""
@@ -189,7 +194,7 @@ def cpu_hardware(calibration: dict | None = None) -> Hardware:
     copy = Link("memcpy", 20e-6, calibration["mem_bw"] / 2)
     return dataclasses.replace(
         CPU_MEASURED, matmul_flops=mm, vector_flops=calibration["vector"], mem_bw=calibration["mem_bw"],
-        intra=copy, inter=copy, notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
+        fft_flops=calibration.get("fft"), intra=copy, inter=copy, notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
     )
 
 

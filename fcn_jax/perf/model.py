@@ -349,7 +349,7 @@ def _op_time(op: OpCost, hw: Hardware, devices_sharing: int) -> tuple[float, flo
     if op.peak.startswith("matmul:"):
         peak = hw.matmul_peak(op.peak.split(":", 1)[1])
     elif op.peak == "fft":
-        peak = hw.vector_flops
+        peak = hw.fft_peak()
     else:
         peak = hw.vector_flops
     tc = op.flops * share / peak
