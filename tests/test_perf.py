@@ -119,3 +119,23 @@ def test_cli_rejects_bad_mesh_and_hardware(capsys):
     assert "height=4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--experiment", "afno_backbone", "--hardware", "tpu9000"])
+
+
+@pytest.mark.slow
+def test_gpu_check_cases_run_on_cpu_with_a_tiny_model():
+    """bench/gpu_check.py's cases, in process on the CPU (--cpu-smoke): parity, a train step, a forecast."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    par = gc.run_child({"name": "parity", "kind": "parity", "opts": {}, "smoke": True, "runs": 1})
+    assert par["ok"] and par["rel_err"] <= gc.PARITY_TOL
+    tr = gc.run_child({"name": "t", "kind": "train", "opts": {"compute_dtype": "float32"}, "smoke": True, "runs": 1})
+    assert tr["ok"] and tr["hardware"] == "cpu" and tr["predicted_s"] > 0 and tr["mfu"] > 0
+    fc = gc.run_child({"name": "f", "kind": "forecast", "opts": {"steps": 2}, "smoke": True, "runs": 1})
+    assert fc["ok"] and fc["shape"][0] == 3
+    with pytest.raises(RuntimeError, match="no GPU"):
+        gc.run_child({"name": "t", "kind": "train", "opts": {}, "smoke": False, "runs": 1})

@@ -198,6 +198,28 @@ def cpu_hardware(calibration: dict | None = None) -> Hardware:
     )
 
 
+def detect_hardware(device) -> str | None:
+    """Key of :data:`HARDWARE` for a ``jax.Device`` (``cpu`` for a CPU device, None when unknown)."""
+    if device.platform == "cpu":
+        return "cpu"
+    kind = (getattr(device, "device_kind", "") or "").lower()
+    if "h200" in kind or "gh200" in kind:
+        return "h200"
+    if "h100" in kind or "h800" in kind:
+        return "h100"
+    if "a100" in kind or "a800" in kind:
+        if "80" in kind:
+            return "a100-80gb"
+        if "40" in kind:
+            return "a100-40gb"
+        try:
+            limit = device.memory_stats().get("bytes_limit", 0)
+        except Exception:  # noqa: BLE001 - memory_stats is optional on some backends
+            limit = 0
+        return "a100-80gb" if limit > 48 * 2**30 else "a100-40gb"
+    return None
+
+
 def get_hardware(name: str) -> Hardware:
     """Hardware entry by name: one of :data:`HARDWARE` or ``cpu``."""
     key = name.lower()
@@ -208,4 +230,4 @@ def get_hardware(name: str) -> Hardware:
     return HARDWARE[key]
 
 
-__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "get_hardware"]
+__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "detect_hardware", "get_hardware"]
