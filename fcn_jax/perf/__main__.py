@@ -85,9 +85,18 @@ def main(argv=None) -> int:
         from fcn_jax.perf import report
 
         if args.seed_table:
-            print(report.format_seed_table(report.seed_rows(args.hardware if args.hardware != "cpu" else "a100-80gb")))
+            hw = args.hardware if args.hardware != "cpu" else "a100-80gb"
+            print(f"Seed talk's memory table, one device, batch 1, float32 (GB = 1e9 B); model on {hw}:")
+            print(report.format_seed_table(report.seed_rows(hw)))
             print()
-            print(report.format_extension_table(report.extension_rows()))
+            print(f"One sample split over all the devices (data = 1), cheapest mesh that fits, {hw}:")
+            print(report.format_extension_table(report.extension_rows(hw_name=hw, max_data=1)))
+            print()
+            print(f"Fastest use of the devices (any data axis), cheapest mesh that fits, {hw}:")
+            print(report.format_extension_table(report.extension_rows(hw_name=hw)))
+            print()
+            print(f"Time to solution, {hw}:")
+            print(report.format_tts_table(report.tts_rows(hw_name=hw)))
         if args.plot:
             report.plot_time_to_solution(args.plot)
             print(f"wrote {args.plot}")

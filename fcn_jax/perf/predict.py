@@ -125,10 +125,11 @@ class Fit:
 
 
 def cheapest_fitting(cfg: ModelConfig, devices: int, hw: Hardware, layouts=("channel_block", "pencil"),
-                     remat_options=(False, True)) -> Fit | None:
+                     remat_options=(False, True), max_data: int | None = None) -> Fit | None:
     """The mesh, layout and remat setting with the lowest predicted time per sample that fits in memory.
 
-    One sample per data shard; ``devices`` all used. None when nothing fits.
+    One sample per data shard; ``devices`` all used; ``max_data`` caps the data axis
+    (the global batch; 1 = one sample split over all devices). None when nothing fits.
     """
     if isinstance(layouts, str):
         layouts = (layouts,)
@@ -137,6 +138,8 @@ def cheapest_fitting(cfg: ModelConfig, devices: int, hw: Hardware, layouts=("cha
         for remat in remat_options:
             c = dataclasses.replace(cfg, remat=remat)
             for m in meshes_for(c, devices, layout):
+                if max_data is not None and m.data > max_data:
+                    continue
                 s = pm.Setting(c, m, m.data, hw, layout)
                 mem = pm.memory_per_device(s)
                 if not mem["fits"]:

@@ -48,14 +48,18 @@ def seed_rows(hw_name: str = "a100-80gb"):
     return rows
 
 
-def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb"):
-    """Cheapest mesh that fits per configuration and device count (channel-block layout)."""
+def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb", max_data: int | None = None):
+    """Cheapest mesh that fits per configuration and device count, either spectral layout.
+
+    ``max_data=1``: one sample split over all the devices (the per-device memory of
+    strong scaling); None: any data axis (the fastest use of the devices).
+    """
     hw = HARDWARE[hw_name]
     rows = []
     for name, kw, _, _ in SEED_TABLE:
         cfg = ModelConfig(**kw)
         for n in devices:
-            best = cheapest_fitting(cfg, n, hw)
+            best = cheapest_fitting(cfg, n, hw, max_data=max_data)
             if best is None:
                 rows.append({"config": name, "devices": n, "mesh": None,
                              "note": "no mesh fits in either layout (a pipeline stage axis would be needed)"})
@@ -64,6 +68,54 @@ def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb"):
                          "remat": best.remat, "per_device_gb": best.memory["total"] / GB, "step_s": best.step_s,
                          "samples_per_s": best.mesh.data / best.step_s})
     return rows
+
+
+def tts_rows(devices=(1, 8, 64), hw_name: str = "a100-80gb", steps: int = 126_600, global_batch: int = 64):
+    """Time to solution per configuration and device count: training run, 7-day forecast, 100-member ensemble.
+
+    Training: ``steps`` x ``global_batch`` samples on the cheapest fitting mesh with
+    ``data <= global_batch``; forecasts: :func:`fcn_jax.perf.predict.predict` on that
+    mesh (forecast on one data shard's model-parallel group, ensemble over all).
+    """
+    from fcn_jax.perf.predict import predict
+
+    hw = HARDWARE[hw_name]
+    rows = []
+    for name, kw, _, _ in SEED_TABLE:
+        cfg = ModelConfig(**kw)
+        for n in devices:
+            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
+            if best is None:
+                rows.append({"config": name, "devices": n, "mesh": None})
+                continue
+            c = dataclasses.replace(cfg, remat=best.remat)
+            res = predict(c, best.mesh, best.mesh.data, hw, best.layout)
+            tts = res["time_to_solution_s"]
+            rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                         "remat": best.remat, "training_s": steps * global_batch * best.per_sample_s,
+                         "forecast_7day_s": tts["forecast_7day"], "ensemble_s": tts["ensemble_100x24h"],
+                         "mfu": res["mfu"]})
+    return rows
+
+
+def _fmt_s(t: float) -> str:
+    for unit, sec in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if t >= sec:
+            return f"{t / sec:.1f} {unit}"
+    return f"{t * 1e3:.0f} ms"
+
+
+def format_tts_table(rows, steps: int = 126_600, global_batch: int = 64) -> str:
+    lines = [f"| config | devices | mesh (d,c,h,w), layout | training ({steps:,} steps x {global_batch}) | MFU | "
+             "7-day forecast (28 steps) | 100-member 24 h ensemble |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["mesh"] is None:
+            lines.append(f"| {r['config']} | {r['devices']} | does not fit | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))}, {r['layout']}"
+                     f"{', remat' if r['remat'] else ''} | {_fmt_s(r['training_s'])} | {100 * r['mfu']:.0f} % | "
+                     f"{_fmt_s(r['forecast_7day_s'])} | {_fmt_s(r['ensemble_s'])} |")
+    return "\n".join(lines)
 
 
 def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600, global_batch: int = 64):
@@ -75,16 +127,15 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
 
     hw = HARDWARE[hw_name]
     # same number of samples seen (steps x global batch) at each resolution, patch 8 -> tokens grow as 1/deg^2
-    res = [(1.0, (180, 360)), (0.5, (360, 720)), (0.25, (720, 1440)), (0.125, (1440, 2880)), (0.1, (1800, 3600))]
+    # rows and columns rounded down to whole patches (the original uses 720 of 721 rows at 0.25 degrees)
+    res = [(deg, (int(180 / deg) // 8 * 8, int(360 / deg) // 8 * 8)) for deg in (2.0, 1.0, 0.5, 0.25, 0.125, 0.1)]
     samples = steps * global_batch
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n, style in ((8, "o-"), (64, "s-"), (512, "^-")):
         xs, ys = [], []
         for deg, img in res:
-            cfg = ModelConfig(img_size=img, patch_size=(8, 8) if deg >= 0.25 else (8, 8))
-            if img[0] % 8 or img[1] % 8:
-                continue
-            best = cheapest_fitting(cfg, n, hw)
+            cfg = ModelConfig(img_size=img, patch_size=(8, 8))
+            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
             if best is None:
                 continue
             xs.append(deg)
@@ -103,8 +154,8 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
                      ("0.1°/p4/24", dict(img_size=(1800, 3600), patch_size=(4, 4), depth=24))):
         cfg = ModelConfig(**kw)
         xs, ys = [], []
-        for n in (8, 16, 32, 64, 128, 256, 512, 1024):
-            best = cheapest_fitting(cfg, n, hw)
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
             if best is None:
                 continue
             xs.append(n)
@@ -117,7 +168,8 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
     axes[1].set_title("time to solution vs device count")
     axes[1].grid(True, which="both", alpha=0.3)
     axes[1].legend()
-    fig.suptitle("fcn_jax performance model (speed of light, no overlap, channel-block layout, fp32)")
+    fig.suptitle(f"fcn_jax performance model: cheapest fitting mesh (channel-block or pencil layout, data <= "
+                 f"{global_batch}), speed of light, no overlap, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -149,6 +201,5 @@ def format_extension_table(rows) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SEED_TABLE", "extension_rows", "format_extension_table", "format_seed_table",
-           "plot_time_to_solution", "seed_rows"]
-_ = dataclasses
+__all__ = ["SEED_TABLE", "extension_rows", "format_extension_table", "format_seed_table", "format_tts_table",
+           "plot_time_to_solution", "seed_rows", "tts_rows"]
