@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -40,19 +39,6 @@ CONFIGS = {
 }
 
 
-def _times(fn, runs: int, warmup: int = 1) -> list[float]:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def measure(cfg, batch: int, runs: int) -> dict:
     """Seconds per forward pass and per train step (lists of ``runs`` timings)."""
     import jax
@@ -61,6 +47,7 @@ def measure(cfg, batch: int, runs: int) -> dict:
     from flax import nnx
 
     from fcn_jax.model.afnonet import AFNONet
+    from fcn_jax.perf.hardware import timed_runs
     from fcn_jax.training.step import init_train_state, make_train_step
 
     tx = optax.adam(5e-4)
@@ -68,7 +55,7 @@ def measure(cfg, batch: int, runs: int) -> dict:
     x = jax.random.normal(jax.random.key(1), (batch, 2, *cfg.img_size, cfg.in_channels), jnp.float32)
     graphdef, params = nnx.split(model, nnx.Param)
     fwd = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx)).lower(params, x[:, 0]).compile()
-    fwd_runs = _times(lambda: fwd(params, x[:, 0]), runs)
+    fwd_runs = timed_runs(lambda: fwd(params, x[:, 0]), runs)
     del fwd
     graphdef, state = init_train_state(model, tx)
     del model, params
@@ -79,7 +66,7 @@ def measure(cfg, batch: int, runs: int) -> dict:
         holder["state"], metrics = step(holder["state"], x)  # state is donated
         return metrics["loss"]
 
-    return {"forward_runs_s": fwd_runs, "train_runs_s": _times(one, runs)}
+    return {"forward_runs_s": fwd_runs, "train_runs_s": timed_runs(one, runs)}
 
 
 def best_calibration(a: dict, b: dict) -> dict:

@@ -69,15 +69,9 @@ CASES = [
 
 
 def _timed(fn, runs: int) -> list[float]:
-    import jax
+    from fcn_jax.perf.hardware import timed_runs
 
-    jax.block_until_ready(fn())  # warm-up (after compilation)
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        out.append(time.perf_counter() - t0)
-    return out
+    return timed_runs(fn, runs)  # one warm-up call (after compilation), then ``runs`` timed
 
 
 def _hardware(device):

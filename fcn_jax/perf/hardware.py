@@ -119,16 +119,22 @@ def _cache_path() -> Path:
     return Path(root) / "perf_cpu_calibration.json"
 
 
-def _best_time(fn, repeats: int) -> float:
+def timed_runs(fn, runs: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``runs`` calls of ``fn`` (its result blocked on), after ``warmup`` untimed calls."""
     import jax
 
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    out = []
+    for _ in range(runs):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _best_time(fn, repeats: int) -> float:
+    return min(timed_runs(fn, repeats))
 
 
 def calibrate_cpu(repeats: int = 5, save: bool = True) -> dict:
@@ -230,4 +236,5 @@ def get_hardware(name: str) -> Hardware:
     return HARDWARE[key]
 
 
-__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "detect_hardware", "get_hardware"]
+__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "detect_hardware", "get_hardware",
+           "timed_runs"]

@@ -182,18 +182,19 @@ def replicated_param_bytes(cfg, mesh, layout="channel_block"):
 # --------------------------------------------------------------------------- #
 
 
+def _local_dims(s: Setting):
+    """(cfg, mesh, local batch, local tokens, embed, hidden, local embed, local hidden, compute bytes, gemm peak)."""
+    cfg, m = s.model, s.mesh
+    lat, lon = cfg.token_grid
+    c, hd = cfg.embed_dim, cfg.mlp_hidden
+    return (cfg, m, s.local_batch, (lat // m.height) * (lon // m.width), c, hd, c // m.channel, hd // m.channel,
+            DTYPE_BYTES[cfg.compute_dtype], f"matmul:{cfg.compute_dtype}")
+
+
 def _forward_work(w: Workload, s: Setting, recompute: bool = False):
     """Forward pass of the backbone on one device (recompute=True: only the per-block part)."""
-    cfg, m = s.model, s.mesh
-    b = s.local_batch
-    lat, lon = cfg.token_grid
-    tl = (lat // m.height) * (lon // m.width)  # local tokens
-    c, hd = cfg.embed_dim, cfg.mlp_hidden
-    cl, hdl = c // m.channel, hd // m.channel
-    dt = cfg.compute_dtype
-    eb = DTYPE_BYTES[dt]
+    cfg, m, b, tl, c, hd, cl, hdl, eb, mm = _local_dims(s)
     p0, p1 = cfg.patch_size
-    mm = f"matmul:{dt}"
     tag = "recompute " if recompute else ""
     if not recompute:
         k = p0 * p1 * cfg.in_channels
@@ -219,16 +220,8 @@ def _forward_work(w: Workload, s: Setting, recompute: bool = False):
 
 def _backward_work(w: Workload, s: Setting):
     """Backward pass: twice the forward GEMMs (input and weight gradients), transposed FFTs."""
-    cfg, m = s.model, s.mesh
-    b = s.local_batch
-    lat, lon = cfg.token_grid
-    tl = (lat // m.height) * (lon // m.width)
-    c, hd = cfg.embed_dim, cfg.mlp_hidden
-    cl, hdl = c // m.channel, hd // m.channel
-    dt = cfg.compute_dtype
-    eb = DTYPE_BYTES[dt]
+    cfg, m, b, tl, c, hd, cl, hdl, eb, mm = _local_dims(s)
     p0, p1 = cfg.patch_size
-    mm = f"matmul:{dt}"
     k = p0 * p1 * cfg.in_channels
     # patch embedding: weight gradient only (the input is data)
     w.add("gemm patch_embed", 2 * b * tl * k * cl, eb * (b * tl * k + k * cl + b * tl * cl), mm)

@@ -48,25 +48,30 @@ def seed_rows(hw_name: str = "a100-80gb"):
     return rows
 
 
+def _fits(devices, hw_name: str, max_data: int | None):
+    """(config name, model config, devices, Fit or None) for every seed configuration and device count."""
+    hw = HARDWARE[hw_name]
+    for name, kw, _, _ in SEED_TABLE:
+        cfg = ModelConfig(**kw)
+        for n in devices:
+            yield name, cfg, n, cheapest_fitting(cfg, n, hw, max_data=max_data)
+
+
 def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb", max_data: int | None = None):
     """Cheapest mesh that fits per configuration and device count, either spectral layout.
 
     ``max_data=1``: one sample split over all the devices (the per-device memory of
     strong scaling); None: any data axis (the fastest use of the devices).
     """
-    hw = HARDWARE[hw_name]
     rows = []
-    for name, kw, _, _ in SEED_TABLE:
-        cfg = ModelConfig(**kw)
-        for n in devices:
-            best = cheapest_fitting(cfg, n, hw, max_data=max_data)
-            if best is None:
-                rows.append({"config": name, "devices": n, "mesh": None,
-                             "note": "no mesh fits in either layout (a pipeline stage axis would be needed)"})
-                continue
-            rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
-                         "remat": best.remat, "per_device_gb": best.memory["total"] / GB, "step_s": best.step_s,
-                         "samples_per_s": best.mesh.data / best.step_s})
+    for name, _, n, best in _fits(devices, hw_name, max_data):
+        if best is None:
+            rows.append({"config": name, "devices": n, "mesh": None,
+                         "note": "no mesh fits in either layout (a pipeline stage axis would be needed)"})
+            continue
+        rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                     "remat": best.remat, "per_device_gb": best.memory["total"] / GB, "step_s": best.step_s,
+                     "samples_per_s": best.mesh.data / best.step_s})
     return rows
 
 
@@ -81,20 +86,16 @@ def tts_rows(devices=(1, 8, 64), hw_name: str = "a100-80gb", steps: int = 126_60
 
     hw = HARDWARE[hw_name]
     rows = []
-    for name, kw, _, _ in SEED_TABLE:
-        cfg = ModelConfig(**kw)
-        for n in devices:
-            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
-            if best is None:
-                rows.append({"config": name, "devices": n, "mesh": None})
-                continue
-            c = dataclasses.replace(cfg, remat=best.remat)
-            res = predict(c, best.mesh, best.mesh.data, hw, best.layout)
-            tts = res["time_to_solution_s"]
-            rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
-                         "remat": best.remat, "training_s": steps * global_batch * best.per_sample_s,
-                         "forecast_7day_s": tts["forecast_7day"], "ensemble_s": tts["ensemble_100x24h"],
-                         "mfu": res["mfu"]})
+    for name, cfg, n, best in _fits(devices, hw_name, global_batch):
+        if best is None:
+            rows.append({"config": name, "devices": n, "mesh": None})
+            continue
+        res = predict(dataclasses.replace(cfg, remat=best.remat), best.mesh, best.mesh.data, hw, best.layout)
+        tts = res["time_to_solution_s"]
+        rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                     "remat": best.remat, "training_s": steps * global_batch * best.per_sample_s,
+                     "forecast_7day_s": tts["forecast_7day"], "ensemble_s": tts["ensemble_100x24h"],
+                     "mfu": res["mfu"]})
     return rows
 
 
