@@ -187,7 +187,14 @@ def case_forecast(opts, smoke: bool, runs: int, members: int | None = None) -> d
         def fn():
             return rollout(model, x0, steps)
     else:
-        chunk = opts.get("member_chunk") or members
+        chunk = opts.get("member_chunk")
+        if chunk is None:  # bound the working set: 20 members per call on an 80 GB card, 10 below
+            try:
+                limit = jax.devices()[0].memory_stats().get("bytes_limit", 0)
+            except Exception:  # noqa: BLE001 - memory_stats is optional (CPU)
+                limit = 0
+            chunk = 20 if limit == 0 or limit > 60 * 2**30 else 10
+        chunk = min(chunk, members)
 
         def fn():
             return ensemble_rollout(model, x0, steps, members, key=jax.random.key(2), member_chunk=chunk,
@@ -291,10 +298,8 @@ def main(argv=None) -> int:
             print_row(r)
             continue
         opts = dict(opts)
-        if kind == "ensemble":
-            opts["member_chunk"] = 20
-            if args.quick:
-                opts["members"] = 20
+        if kind == "ensemble" and args.quick:
+            opts["members"] = 20
         env = dict(os.environ)
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", "")] + flags))
         if args.cpu_smoke:

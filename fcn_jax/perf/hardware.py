@@ -200,7 +200,8 @@ def cpu_hardware(calibration: dict | None = None) -> Hardware:
     copy = Link("memcpy", 20e-6, calibration["mem_bw"] / 2)
     return dataclasses.replace(
         CPU_MEASURED, matmul_flops=mm, vector_flops=calibration["vector"], mem_bw=calibration["mem_bw"],
-        fft_flops=calibration.get("fft"), intra=copy, inter=copy, notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
+        fft_flops=calibration.get("fft"), intra=copy, inter=copy,
+        notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
     )
 
 

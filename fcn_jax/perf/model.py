@@ -372,8 +372,11 @@ def predict_time(w: Workload, hw: Hardware, emulated: bool = False) -> dict:
 
 
 def useful_flops(s: Setting, forward_only: bool = False) -> float:
-    """Model flops of the step as one device would run it (no redundant work): the MFU numerator."""
-    one = dataclasses.replace(s, mesh=MeshSizes(), hardware=s.hardware)
+    """Model flops of the step as one device would run it: the MFU numerator.
+
+    No redundant work of a mesh and no rematerialisation: the step's flops without remat.
+    """
+    one = dataclasses.replace(s, model=dataclasses.replace(s.model, remat=False), mesh=MeshSizes())
     w = forward_work(one) if forward_only else train_step_work(one)
     return w.flops
 
