@@ -93,6 +93,12 @@ def test_cli_json_contract(capsys):
     cfg = ModelConfig()
     one = pm.train_step_work(pm.Setting(cfg, MeshSizes(), 1, get_hardware("a100-80gb"))).flops
     assert out["flops_per_step"] >= 64 * one * 0.999
+    # 16 model-parallel devices: auto resolves to the pencil layout, as the model does
+    assert main(["--experiment", "afno_backbone", "--mesh", "1,2,2,4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["spectral_layout"] == "pencil" and out["collective_bytes_per_device"]["all-to-all"] > 0
+    assert main(["--experiment", "afno_backbone", "--mesh", "1,2,2,4", "--layout", "channel_block"]) == 2
+    assert "channel-block" in capsys.readouterr().err
 
 
 def test_layouts_refuse_meshes_they_cannot_run():
