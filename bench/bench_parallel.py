@@ -15,26 +15,10 @@ no array of the model's size is allocated. Reported per device:
   the collectives move per step, read from the compiled HLO, next to the
   design's prediction (parallelism spec §13).
 
-Byte convention (per device, per step; shapes in the compiled HLO are per device):
-
-* all-to-all:         result bytes x (P-1)/P   (what leaves the device)
-* all-gather:         result bytes x (P-1)/P   (the full result less the local piece)
-* reduce-scatter:     result bytes x (P-1)     = input bytes x (P-1)/P (ring)
-* all-reduce:         result bytes x 2(P-1)/P  (ring = reduce-scatter + all-gather)
-* collective-permute: result bytes x 1
-with P the replica-group size of the instruction. The prediction uses the same
-convention: spectral all-to-alls ``A*[(Pw-1)/Pw + (Ph-1)/Ph*2M'/W]`` per
-transform for the channel-block layout and
-``A*[(Pw-1)/Pw*(1 + 2M'/W) + (Ph-1)/Ph*2M'/W*(1 + L'/H)]`` for the pencil layout
-(modes padded to the split), ``A = 4*b*C*H*W/(Pc*Ph*Pw)``, 4 transforms per layer (forward and
-inverse, forward and backward pass; 6 with --remat, which recomputes the
-forward); MLP all-gather / reduce-scatter of the full-channel local activation
-(compute dtype forward, float32 backward for the gather; float32 forward,
-compute dtype backward for the reduce-scatter; remat adds one forward gather);
-the gradient all-reduce of every
-parameter over the devices it is replicated on (``data`` and, for the MLP
-weights, ``height`` x ``width``); LayerNorm statistics and the head's partial
-sums over ``channel``.
+Compiler readings come from :mod:`fcn_jax.perf.compiler` and the prediction
+next to them from the performance model (:mod:`fcn_jax.perf.model`, spectral
+layouts in :mod:`fcn_jax.perf.layouts`, byte convention documented there):
+this script is a command line over the package.
 
 Each case compiles in a child process, so a case that runs out of host memory
 is reported instead of ending the run.
@@ -52,11 +36,12 @@ import argparse
 import json
 import math
 import os
-import re
 import resource
 import subprocess
 import sys
 import time
+
+from fcn_jax.perf.compiler import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,123 +59,24 @@ SEED_EXTRAPOLATED_01_GB = 405.0
 TARGET_GB = 80.0
 GB = 1e9
 
-DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-}
-OPS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
-_INSTR = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s(?P<op>" + "|".join(OPS) + r")(?P<start>-start)?\((?P<rest>.*)$"
-)
-_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 
+def predicted(cfg, shape, local_batch: int, layout: str) -> dict:
+    """The performance model's collective bytes per kind, memory and flops per device for one case."""
+    from fcn_jax.parallel.mesh import MeshSizes
+    from fcn_jax.perf import model as pm
+    from fcn_jax.perf.hardware import get_hardware
+    from fcn_jax.perf.layouts import spectral_bytes_per_transform
 
-# --------------------------------------------------------------------------- #
-# HLO parsing
-# --------------------------------------------------------------------------- #
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0
-    for dt, dims in _ARRAY.findall(text):
-        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-        total += n * DTYPE_BYTES[dt]
-    return total
-
-
-def _group_size(rest: str, n_devices: int) -> int:
-    # mesh form: replica_groups=mesh['axis_0'=2,'axis_1'=2,...][, device_ids=(...)] {'axis_1','axis_2'}
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", rest)
-    if m:
-        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
-        names = re.findall(r"'([^']+)'", m.group(2))
-        return math.prod(sizes[n] for n in names)
-    m = re.search(r"replica_groups=\{(\{[\d,]*\})", rest)
-    if m:
-        inner = m.group(1).strip("{}")
-        return len([x for x in inner.split(",") if x]) or n_devices
-    m = re.search(r"replica_groups=\[([\d,]+)\]<=", rest)  # iota form [groups, size]<=[...]
-    if m:
-        return int(m.group(1).split(",")[-1])
-    return n_devices  # replica_groups={} = all devices
-
-
-def collective_bytes(hlo_text: str, n_devices: int) -> dict:
-    """Bytes moved per device by each collective kind, by the module's convention."""
+    sizes = MeshSizes(*shape)
+    s = pm.Setting(cfg, sizes, shape[0] * local_batch, get_hardware("a100-80gb"), layout)
+    w = pm.train_step_work(s)
     out = {op: 0.0 for op in OPS}
-    for line in hlo_text.splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        op, shape, rest = m.group("op"), m.group("shape"), m.group("rest")
-        nbytes = _shape_bytes(shape)
-        if m.group("start") and shape.lstrip().startswith("(") and op in ("all-gather", "all-reduce"):
-            # async start ops return (operand(s), result(s)): count the result half only
-            nbytes = nbytes / 2 if op == "all-reduce" else nbytes  # all-gather: approximate
-        if op == "collective-permute":
-            out[op] += nbytes
-            continue
-        p = _group_size(rest, n_devices)
-        if p <= 1:
-            continue
-        factor = {"all-to-all": (p - 1) / p, "all-gather": (p - 1) / p, "reduce-scatter": p - 1,
-                  "all-reduce": 2 * (p - 1) / p}[op]
-        out[op] += nbytes * factor
+    out.update(w.collective_bytes())
+    out["grad-all-reduce"] = sum(c.bytes * c.count for c in w.collectives if c.what == "gradient")
+    out["spectral-per-layer-fwd-bwd"] = 4 * spectral_bytes_per_transform(cfg, sizes, local_batch, layout)
+    out["flops_per_device"] = w.flops
+    out["memory_per_device"] = pm.memory_per_device(s)["total"]
     return out
-
-
-# --------------------------------------------------------------------------- #
-# Design prediction (parallelism spec §13, extended to every collective)
-# --------------------------------------------------------------------------- #
-
-
-def spectral_bytes_per_transform(cfg, shape, local_batch: int, layout: str) -> float:
-    """All-to-all bytes one device sends per forward transform (spec §13; inverse the same).
-
-    channel_block: ``A*[(Pw-1)/Pw + (Ph-1)/Ph * 2M'/W]``;
-    pencil: ``A*[(Pw-1)/Pw * (1 + 2M'/W) + (Ph-1)/Ph * 2M'/W * (1 + L'/H)]`` with the kept
-    longitude bins M' padded to a multiple of Pw and the kept rows L' to a multiple of Ph.
-    """
-    from fcn_jax.model.spectral import kept_ranges
-
-    _, pc, ph, pw = shape
-    h, w = cfg.token_grid
-    (r0, r1), bins = kept_ranges(h, w, cfg.hard_thresholding_fraction)
-    a = 4.0 * local_batch * cfg.embed_dim * h * w / (pc * ph * pw)
-    if layout == "pencil":
-        bins_p, rows_p = -(-bins // pw) * pw, -(-(r1 - r0) // ph) * ph
-        return a * ((pw - 1) / pw * (1 + 2 * bins_p / w) + (ph - 1) / ph * 2 * bins_p / w * (1 + rows_p / h))
-    return a * ((pw - 1) / pw + (ph - 1) / ph * 2 * bins / w)
-
-
-def predicted_bytes(cfg, shape, local_batch: int, param_leaves, layout: str = "channel_block") -> dict:
-    """param_leaves: [(local_bytes, replication_group_size)] per parameter."""
-    pd, pc, ph, pw = shape
-    h, w = cfg.token_grid
-    c = cfg.embed_dim
-    b = local_batch
-    per_transform = spectral_bytes_per_transform(cfg, shape, local_batch, layout)
-    transforms = 6 if cfg.remat else 4
-    cb = 2 if cfg.compute_dtype == "bfloat16" else 4
-    pred = {op: 0.0 for op in OPS}
-    pred["all-to-all"] = cfg.depth * transforms * per_transform
-    hl, wl = h // ph, w // pw
-    if pc > 1:
-        full = b * c * hl * wl * (pc - 1) / pc
-        # forward gather (compute dtype) + its transpose's gather of the f32 cotangent; remat
-        # recomputes the forward gather. The reduce-scatter's output is not needed by the
-        # backward pass, so remat does not recompute it.
-        pred["all-gather"] = cfg.depth * full * (cb + 4 + (cb if cfg.remat else 0))
-        pred["reduce-scatter"] = cfg.depth * full * (4 + cb)
-        ar = 2 * (pc - 1) / pc
-        # LayerNorm: 2 norms/layer x (2 psums forward + 2 backward [+2 recomputed]) of [b, hl, wl, 1] f32
-        pred["all-reduce"] += cfg.depth * 2 * (6 if cfg.remat else 4) * 4 * b * hl * wl * ar
-        # head partial sums [b, hl, wl, p*p*out] f32, forward only
-        pred["all-reduce"] += 4 * b * hl * wl * cfg.patch_size[0] * cfg.patch_size[1] * cfg.out_channels * ar
-    pred["grad-all-reduce"] = sum(nb * 2 * (g - 1) / g for nb, g in param_leaves if g > 1)
-    pred["all-reduce"] += pred["grad-all-reduce"]
-    pred["spectral-per-layer-fwd-bwd"] = 4 * per_transform
-    return pred
 
 
 # --------------------------------------------------------------------------- #
@@ -204,13 +90,9 @@ def run_case(case: dict, n_devices: int) -> dict:
     jax.config.update("jax_num_cpu_devices", n_devices)  # before any JAX op
     import optax
 
-    sys.path.insert(0, HERE)
-    from bench_model import abstract_train_inputs, flops, memory_stats
-
     from fcn_jax.config import ModelConfig
-    from fcn_jax.parallel.hlo import collective_counts
-    from fcn_jax.parallel.mesh import MeshError, MeshSizes, make_mesh, validate_layout
-    from fcn_jax.training.step import make_train_step
+    from fcn_jax.parallel.mesh import MeshError, MeshSizes, validate_layout
+    from fcn_jax.perf.compiler import compile_train_step
 
     shape = tuple(case["mesh"])
     cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in case["model"].items()})
@@ -221,54 +103,24 @@ def run_case(case: dict, n_devices: int) -> dict:
         res["error"] = f"needs {math.prod(shape)} devices, {len(jax.devices())} available"
         return res
     try:
-        layout = validate_layout(MeshSizes(*shape), cfg, batch_size=global_batch).spectral_layout
-        res["spectral_layout"] = layout
+        layout = validate_layout(MeshSizes(*shape), cfg, batch_size=global_batch,
+                                 spectral_layout=case["layout"]).spectral_layout
     except MeshError as e:
         res["refused"] = str(e)
         return res
-    mesh = make_mesh(shape)
-    tx = optax.adam(case["lr"])
-    t0 = time.perf_counter()
-    graphdef, state, window, n_params = abstract_train_inputs(cfg, mesh, tx, global_batch)
-    step = make_train_step(graphdef, tx)
-    with jax.set_mesh(mesh):
-        lowered = step.lower(state, window)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-    res["lower_s"], res["compile_s"] = t1 - t0, t2 - t1
-    res["params"] = n_params
-    res["memory"] = memory_stats(compiled)
-    res["flops_per_device"] = flops(compiled)
-    res["flops_lowered_global"] = flops(lowered)
-    hlo = compiled.as_text()
-    res["collectives"] = collective_counts(hlo)
-    res["collective_bytes"] = collective_bytes(hlo, math.prod(shape))
-    leaves = []
-    for x in jax.tree.leaves(state.params):
-        local = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        leaves.append((local, math.prod(shape) * local // (math.prod(x.shape) * x.dtype.itemsize)))
-    res["predicted_bytes"] = predicted_bytes(cfg, shape, local_batch, leaves, layout)
-    res["param_bytes_per_device"] = sum(nb for nb, _ in leaves)
+    res.update(compile_train_step(cfg, shape, global_batch, tx=optax.adam(case["lr"]), spectral_layout=layout))
+    res["predicted"] = predicted(cfg, shape, local_batch, layout)
     res["host_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     return res
 
 
-def valid_meshes(cfg, n_devices: int, batch: int):
-    from fcn_jax.parallel.mesh import MeshError, MeshSizes, validate_layout
+def valid_meshes(cfg, n_devices: int, batch: int) -> list[str]:
+    """data=1 meshes of ``n_devices`` each spectral layout accepts, as 'c x h x w (layout)' strings."""
+    from fcn_jax.perf.layouts import LAYOUTS
+    from fcn_jax.perf.predict import meshes_for
 
-    out = []
-    for c in range(1, n_devices + 1):
-        for h in range(1, n_devices + 1):
-            for w in range(1, n_devices + 1):
-                if c * h * w != n_devices:
-                    continue
-                try:
-                    validate_layout(MeshSizes(1, c, h, w), cfg, batch_size=batch)
-                    out.append((1, c, h, w))
-                except MeshError:
-                    pass
-    return out
+    return [f"{'x'.join(map(str, m.shape))} ({name})" for name in LAYOUTS
+            for m in meshes_for(cfg, n_devices, name, batch) if m.data == 1]
 
 
 # --------------------------------------------------------------------------- #
@@ -289,7 +141,7 @@ def print_tables(results, args):
     for r in results:
         mesh = "x".join(map(str, r["mesh"]))
         if "memory" not in r:
-            rows.append([r["config"], mesh, "refused*" if "refused" in r else "error*"] + [""] * 9)
+            rows.append([r["config"], mesh, "refused*" if "refused" in r else "error*"] + [""] * 10)
             continue
         m = r["memory"]
         target = ""
@@ -297,15 +149,16 @@ def print_tables(results, args):
             target = "yes" if m["total"] / GB < TARGET_GB else "NO"
         rows.append([
             r["config"], mesh, r.get("spectral_layout", "ok"), _fmt_gb(m["argument"]), _fmt_gb(m["output"]), _fmt_gb(m["alias"]),
-            _fmt_gb(m["temp"]), _fmt_gb(m["total"]), target,
+            _fmt_gb(m["temp"]), _fmt_gb(m["total"]), _fmt_gb(r["predicted"]["memory_per_device"]), target,
             f"{r['flops_per_device'] / 1e12:.3f}", f"{r['compile_s']:.0f}", f"{r['host_maxrss_gb']:.1f}",
         ])
     print(f"Per-device compiled memory of the train step (GB = 1e9 B), batch 1 per data shard, "
           f"{args.cpu_devices} emulated CPU devices{', remat' if args.remat else ''}{', bf16' if args.bf16 else ''}")
     print(format_table(
-        ["config", "mesh d,c,h,w", "layout", "arg", "out", "alias", "temp", "arg+out-alias+temp", "<80GB",
-         "TFLOP/dev", "compile s", "host RSS GB"],
-        rows, ["l", "l", "l"] + ["r"] * 9))
+        ["config", "mesh d,c,h,w", "layout", "arg", "out", "alias", "temp", "arg+out-alias+temp", "model",
+         "<80GB", "TFLOP/dev", "compile s", "host RSS GB"],
+        rows, ["l", "l", "l"] + ["r"] * 10))
+    print("  model: the performance model's prediction (python -m fcn_jax.perf; XLA:CPU keeps more live)")
     print("  (seed talk: 0.25deg/p8/12 9.3 GB scaffolding / 3.4 GB running per sample; "
           f"0.1deg/p4/24 {SEED_EXTRAPOLATED_01_GB:.0f} GB extrapolated on one device; target < {TARGET_GB:.0f} GB/device)")
     for r in results:
@@ -319,12 +172,12 @@ def print_tables(results, args):
                        [[r["config"], "x".join(map(str, r["mesh"]))] + [r["collectives"][op] for op in OPS]
                         for r in ok], ["l", "l"] + ["r"] * len(OPS)))
     print()
-    print("Bytes moved by collectives per device per step, GB: measured from HLO / design prediction")
+    print("Bytes moved by collectives per device per step, GB: measured from HLO / performance model")
     short = {"all-to-all": "a2a", "all-gather": "ag", "reduce-scatter": "rs", "all-reduce": "ar",
              "collective-permute": "cp"}
     rows = []
     for r in ok:
-        cb, pb = r["collective_bytes"], r["predicted_bytes"]
+        cb, pb = r["collective_bytes"], r["predicted"]
         row = [r["config"], "x".join(map(str, r["mesh"]))]
         for op in OPS:
             row.append(f"{cb[op] / GB:.3f} / {pb[op] / GB:.3f}")
@@ -353,6 +206,8 @@ def main(argv=None):
                     help="mesh(es) to use instead of the defaults (repeatable)")
     ap.add_argument("--remat", action="store_true", help="jax.checkpoint each block (ModelConfig.remat)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute (ModelConfig.compute_dtype)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "channel_block", "pencil"],
+                    help="spectral layout (mesh.spectral_layout)")
     ap.add_argument("--batch", type=int, default=1, help="batch per data shard (global batch = data x this)")
     ap.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate")
     ap.add_argument("--case-timeout", type=float, default=3600, help="seconds allowed per compile")
@@ -380,10 +235,10 @@ def main(argv=None):
         meshes = [tuple(int(s) for s in m.split(",")) for m in args.mesh] if args.mesh else MESHES[name]
         vm = valid_meshes(cfg, args.cpu_devices, args.batch)
         notes.append(f"{name}: {cfg.token_grid[0]}x{cfg.token_grid[1]} tokens; valid data=1 meshes on "
-                     f"{args.cpu_devices} devices: " + ", ".join("x".join(map(str, m)) for m in vm))
+                     f"{args.cpu_devices} devices: " + ", ".join(vm))
         for shape in meshes:
             case = {"name": f"{name}deg", "model": model_kw, "mesh": list(shape), "local_batch": args.batch,
-                    "lr": args.lr}
+                    "lr": args.lr, "layout": args.layout}
             cmd = [sys.executable, os.path.abspath(__file__), "--cpu-devices", str(args.cpu_devices),
                    "--_case", json.dumps(case)]
             t0 = time.perf_counter()

@@ -26,8 +26,8 @@ CONFIGS = {
 }
 
 
-def _setting(cfg, mesh=(1, 1, 1, 1), batch=1):
-    return pm.Setting(cfg, MeshSizes(*mesh), batch, get_hardware("cpu"))
+def _setting(cfg, mesh=(1, 1, 1, 1), batch=1, layout="channel_block"):
+    return pm.Setting(cfg, MeshSizes(*mesh), batch, get_hardware("cpu"), layout)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -40,17 +40,20 @@ def test_train_step_flops_match_cost_analysis(name):
     assert pred == pytest.approx(got["flops_per_device"], rel=0.05), (pred, got["flops_per_device"])
 
 
-@pytest.mark.parametrize("mesh", [(2, 1, 2, 2), (1, 2, 2, 2), (1, 1, 2, 4), (1, 8, 1, 1)])
-def test_sharded_flops_params_and_collectives_match_compiler(mesh):
+@pytest.mark.parametrize("mesh,layout", [((2, 1, 2, 2), "channel_block"), ((1, 2, 2, 2), "channel_block"),
+                                         ((1, 1, 2, 4), "channel_block"), ((1, 8, 1, 1), "channel_block"),
+                                         ((1, 1, 2, 4), "pencil"), ((1, 2, 2, 2), "pencil")])
+def test_sharded_flops_params_and_collectives_match_compiler(mesh, layout):
     cfg = ModelConfig(**CONFIGS["p4_w256_d2_c8"])
     batch = mesh[0]
-    got = compiler.compile_train_step(cfg, mesh, batch)
-    s = _setting(cfg, mesh, batch)
+    got = compiler.compile_train_step(cfg, mesh, batch, spectral_layout=layout)
+    assert got["spectral_layout"] == layout
+    s = _setting(cfg, mesh, batch, layout)
     w = pm.train_step_work(s)
     assert w.flops == pytest.approx(got["flops_per_device"], rel=0.05)
-    # parameter and optimiser bytes exact
-    assert pm.param_bytes_per_device(cfg, s.mesh) == got["param_bytes_per_device"]
-    assert pm.optimizer_bytes_per_device(cfg, s.mesh) == got["optimizer_bytes_per_device"]
+    # parameter and optimiser bytes exact (pencil: spectral weights replicated over height x width)
+    assert pm.param_bytes_per_device(cfg, s.mesh, layout) == got["param_bytes_per_device"]
+    assert pm.optimizer_bytes_per_device(cfg, s.mesh, layout) == got["optimizer_bytes_per_device"]
     # collective bytes per kind equal to the compiled HLO
     pred = w.collective_bytes()
     for op in compiler.OPS:
@@ -90,6 +93,29 @@ def test_cli_json_contract(capsys):
     cfg = ModelConfig()
     one = pm.train_step_work(pm.Setting(cfg, MeshSizes(), 1, get_hardware("a100-80gb"))).flops
     assert out["flops_per_step"] >= 64 * one * 0.999
+    # 16 model-parallel devices: auto resolves to the pencil layout, as the model does
+    assert main(["--experiment", "afno_backbone", "--mesh", "1,2,2,4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["spectral_layout"] == "pencil" and out["collective_bytes_per_device"]["all-to-all"] > 0
+    assert main(["--experiment", "afno_backbone", "--mesh", "1,2,2,4", "--layout", "channel_block"]) == 2
+    assert "channel-block" in capsys.readouterr().err
+
+
+def test_layouts_refuse_meshes_they_cannot_run():
+    from fcn_jax.parallel.mesh import MeshError
+    from fcn_jax.perf.layouts import LAYOUTS, spectral_bytes_per_transform
+    from fcn_jax.perf.predict import meshes_for
+
+    cfg = ModelConfig()  # 8 AFNO blocks, 90x180 tokens
+    with pytest.raises(MeshError, match="channel-block"):
+        LAYOUTS["channel_block"].validate(cfg, MeshSizes(1, 2, 2, 4), 1)
+    LAYOUTS["pencil"].validate(cfg, MeshSizes(1, 2, 2, 4), 1)
+    assert all(m.model_parallel <= 8 for m in meshes_for(cfg, 16, "channel_block"))
+    assert MeshSizes(1, 2, 2, 4) in meshes_for(cfg, 16, "pencil")
+    # README: 9.4 vs 15.8 MB per transform for the published model on a 2x2 split
+    two = MeshSizes(1, 1, 2, 2)
+    assert spectral_bytes_per_transform(cfg, two, 1, "channel_block") / 1e6 == pytest.approx(9.4, abs=0.05)
+    assert spectral_bytes_per_transform(cfg, two, 1, "pencil") / 1e6 == pytest.approx(15.8, abs=0.05)
 
 
 def test_cli_rejects_bad_mesh_and_hardware(capsys):
@@ -99,3 +125,23 @@ def test_cli_rejects_bad_mesh_and_hardware(capsys):
     assert "height=4" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--experiment", "afno_backbone", "--hardware", "tpu9000"])
+
+
+@pytest.mark.slow
+def test_gpu_check_cases_run_on_cpu_with_a_tiny_model():
+    """bench/gpu_check.py's cases, in process on the CPU (--cpu-smoke): parity, a train step, a forecast."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    par = gc.run_child({"name": "parity", "kind": "parity", "opts": {}, "smoke": True, "runs": 1})
+    assert par["ok"] and par["rel_err"] <= gc.PARITY_TOL
+    tr = gc.run_child({"name": "t", "kind": "train", "opts": {"compute_dtype": "float32"}, "smoke": True, "runs": 1})
+    assert tr["ok"] and tr["hardware"] == "cpu" and tr["predicted_s"] > 0 and tr["mfu"] > 0
+    fc = gc.run_child({"name": "f", "kind": "forecast", "opts": {"steps": 2}, "smoke": True, "runs": 1})
+    assert fc["ok"] and fc["shape"][0] == 3
+    with pytest.raises(RuntimeError, match="no GPU"):
+        gc.run_child({"name": "t", "kind": "train", "opts": {}, "smoke": False, "runs": 1})

@@ -69,7 +69,9 @@ def main(argv=None) -> int:
                     help="mesh sizes; default: the experiment's, with -1 = one sample per data shard")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.remat=true")
     ap.add_argument("--hardware", default="a100-80gb", choices=sorted(HARDWARE) + ["cpu"])
-    ap.add_argument("--layout", default="channel_block", choices=sorted(LAYOUTS))
+    ap.add_argument("--layout", choices=["auto", *sorted(LAYOUTS)],
+                    help="spectral layout; default: the experiment's mesh.spectral_layout (auto = channel-block "
+                         "when it applies, else pencil)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--seed-table", action="store_true", help="the seed talk's memory table and its extension")
     ap.add_argument("--plot", metavar="PNG", help="write the time-to-solution figure")
@@ -85,9 +87,18 @@ def main(argv=None) -> int:
         from fcn_jax.perf import report
 
         if args.seed_table:
-            print(report.format_seed_table(report.seed_rows(args.hardware if args.hardware != "cpu" else "a100-80gb")))
+            hw = args.hardware if args.hardware != "cpu" else "a100-80gb"
+            print(f"Seed talk's memory table, one device, batch 1, float32 (GB = 1e9 B); model on {hw}:")
+            print(report.format_seed_table(report.seed_rows(hw)))
             print()
-            print(report.format_extension_table(report.extension_rows()))
+            print(f"One sample split over all the devices (data = 1), cheapest mesh that fits, {hw}:")
+            print(report.format_extension_table(report.extension_rows(hw_name=hw, max_data=1)))
+            print()
+            print(f"Fastest use of the devices (any data axis), cheapest mesh that fits, {hw}:")
+            print(report.format_extension_table(report.extension_rows(hw_name=hw)))
+            print()
+            print(f"Time to solution, {hw}:")
+            print(report.format_tts_table(report.tts_rows(hw_name=hw)))
         if args.plot:
             report.plot_time_to_solution(args.plot)
             print(f"wrote {args.plot}")
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
     hw = get_hardware(args.hardware)
     counts = 2 if exp.train.schedule == "cosine" or exp.train.warmup_steps else 1
     try:
-        res = predict(exp.model, MeshSizes(*shape), batch, hw, args.layout, rollout=exp.train.rollout_steps,
+        res = predict(exp.model, MeshSizes(*shape), batch, hw, args.layout or exp.mesh.spectral_layout,
+                      rollout=exp.train.rollout_steps,
                       train_steps=exp.train.steps, optimizer_counts=counts)
     except MeshError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -125,12 +137,12 @@ def main(argv=None) -> int:
     res["mesh"] = list(shape)
     res["global_batch"] = batch
     res["hardware"] = hw.name
-    res["layout"] = args.layout
+    res["layout"] = res["spectral_layout"]
     if args.json:
         print(json.dumps(res, indent=2, default=float))
         return 0
     _print_text(res, f"{exp.name}: mesh (data, channel, height, width) = {tuple(shape)}, global batch {batch}, "
-                     f"{exp.model.compute_dtype}{', remat' if exp.model.remat else ''}, {hw.name}, {args.layout} layout")
+                     f"{exp.model.compute_dtype}{', remat' if exp.model.remat else ''}, {hw.name}, {res['layout']} layout")
     return 0
 
 

@@ -147,34 +147,44 @@ def cost_flops(compiled_or_lowered) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
-def compile_train_step(cfg, mesh_shape=(1, 1, 1, 1), batch: int = 1, tx=None, rollout: int = 1) -> dict:
+def compile_train_step(cfg, mesh_shape=(1, 1, 1, 1), batch: int = 1, tx=None, rollout: int = 1,
+                       spectral_layout: str = "auto") -> dict:
     """Compile the train step from abstract inputs on ``mesh_shape`` and read what the compiler says.
 
-    Returns flops per device (``cost_analysis``), memory analysis, collective counts
-    and bytes from the HLO, parameter / optimiser bytes per device and the
-    abstract state (for exact comparisons). Needs ``prod(mesh_shape)`` devices.
+    Returns flops per device (``cost_analysis`` of the compiled and of the lowered
+    program), memory analysis, collective counts and bytes from the HLO, parameter /
+    optimiser bytes per device, the spectral layout in use and lower/compile
+    seconds. Needs ``prod(mesh_shape)`` devices. ``spectral_layout``: ``auto``,
+    ``channel_block`` or ``pencil`` (the experiment's ``mesh.spectral_layout``).
     """
     import jax
     import optax
 
     from fcn_jax.parallel.hlo import collective_counts
-    from fcn_jax.parallel.mesh import make_mesh
+    from fcn_jax.parallel.mesh import make_mesh, model_sizes, use_spectral_layout
     from fcn_jax.training.step import make_train_step
 
     tx = tx or optax.adam(5e-4)
     mesh = make_mesh(tuple(mesh_shape))
-    graphdef, state, window, n_params = abstract_train_inputs(cfg, mesh, tx, batch, rollout)
-    step = make_train_step(graphdef, tx)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        lowered = step.lower(state, window)
-        compiled = lowered.compile()
+    with use_spectral_layout(spectral_layout):
+        layout = model_sizes(mesh, cfg, batch).spectral_layout
+        graphdef, state, window, n_params = abstract_train_inputs(cfg, mesh, tx, batch, rollout)
+        step = make_train_step(graphdef, tx)
+        with jax.set_mesh(mesh):
+            lowered = step.lower(state, window)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+    t2 = time.perf_counter()
     hlo = compiled.as_text()
     n = math.prod(mesh_shape)
     return {
         "params": n_params,
-        "compile_s": time.perf_counter() - t0,
+        "spectral_layout": layout,
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
         "flops_per_device": cost_flops(compiled),
+        "flops_lowered_global": cost_flops(lowered),
         "memory": memory_stats(compiled),
         "collectives": collective_counts(hlo),
         "collective_bytes": hlo_collective_bytes(hlo, n),

@@ -56,6 +56,8 @@ class Hardware:
     devices_per_node: int = 8
     #: fraction of ``mem_bytes`` usable by the program (runtime, CUDA context, fragmentation)
     usable_fraction: float = 0.95
+    #: FFT rate in XLA's flop convention (``8*floor(log2 n)`` per element); None: ``vector_flops``
+    fft_flops: float | None = None
     notes: str = ""
 
     def matmul_peak(self, dtype: str) -> float:
@@ -64,6 +66,9 @@ class Hardware:
     def peak_for_mfu(self, dtype: str) -> float:
         """The peak MFU is quoted against: the compute dtype's matmul peak."""
         return self.matmul_flops[dtype]
+
+    def fft_peak(self) -> float:
+        return self.fft_flops or self.vector_flops
 
     def link_for_span(self, span: int) -> Link:
         """Link of a collective group whose devices lie within ``span`` consecutive devices."""
@@ -114,16 +119,22 @@ def _cache_path() -> Path:
     return Path(root) / "perf_cpu_calibration.json"
 
 
-def _best_time(fn, repeats: int) -> float:
+def timed_runs(fn, runs: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``runs`` calls of ``fn`` (its result blocked on), after ``warmup`` untimed calls."""
     import jax
 
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    out = []
+    for _ in range(runs):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _best_time(fn, repeats: int) -> float:
+    return min(timed_runs(fn, repeats))
 
 
 def calibrate_cpu(repeats: int = 5, save: bool = True) -> dict:
@@ -189,8 +200,31 @@ def cpu_hardware(calibration: dict | None = None) -> Hardware:
     copy = Link("memcpy", 20e-6, calibration["mem_bw"] / 2)
     return dataclasses.replace(
         CPU_MEASURED, matmul_flops=mm, vector_flops=calibration["vector"], mem_bw=calibration["mem_bw"],
-        intra=copy, inter=copy, notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
+        fft_flops=calibration.get("fft"), intra=copy, inter=copy,
+        notes=CPU_MEASURED.notes + f"; calibrated {calibration.get('measured_at', '?')}",
     )
+
+
+def detect_hardware(device) -> str | None:
+    """Key of :data:`HARDWARE` for a ``jax.Device`` (``cpu`` for a CPU device, None when unknown)."""
+    if device.platform == "cpu":
+        return "cpu"
+    kind = (getattr(device, "device_kind", "") or "").lower()
+    if "h200" in kind or "gh200" in kind:
+        return "h200"
+    if "h100" in kind or "h800" in kind:
+        return "h100"
+    if "a100" in kind or "a800" in kind:
+        if "80" in kind:
+            return "a100-80gb"
+        if "40" in kind:
+            return "a100-40gb"
+        try:
+            limit = device.memory_stats().get("bytes_limit", 0)
+        except Exception:  # noqa: BLE001 - memory_stats is optional on some backends
+            limit = 0
+        return "a100-80gb" if limit > 48 * 2**30 else "a100-40gb"
+    return None
 
 
 def get_hardware(name: str) -> Hardware:
@@ -203,4 +237,5 @@ def get_hardware(name: str) -> Hardware:
     return HARDWARE[key]
 
 
-__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "get_hardware"]
+__all__ = ["HARDWARE", "Hardware", "Link", "calibrate_cpu", "cpu_hardware", "detect_hardware", "get_hardware",
+           "timed_runs"]

@@ -5,9 +5,9 @@ weights are split, (3) the local FFT and block-MLP work of one device and (4)
 the collectives of a train step and of a forward pass. Everything else of the
 model (MLP, norms, embedding, head, optimiser) is layout independent.
 
-Only the channel-block layout (parallelism spec §3.1) is implemented in the
-model code and here. **Extension point:** a pencil layout (§3.2) or a pipeline
-``stage`` axis is a new :class:`Layout` subclass registered in :data:`LAYOUTS`;
+Both layouts of the model code are here: channel-block (parallelism spec §3.1)
+and pencil (§3.2). **Extension point:** another layout (or a pipeline ``stage``
+axis) is a new :class:`Layout` subclass registered in :data:`LAYOUTS`;
 :mod:`fcn_jax.perf.model` and the CLI pick it up by name (``--layout``).
 
 Byte convention (per device, per step, shapes per device) -- the one
@@ -58,7 +58,8 @@ class Layout:
     name = "abstract"
 
     def validate(self, cfg: ModelConfig, mesh: MeshSizes, batch: int | None = None) -> None:
-        raise NotImplementedError
+        """Raise :class:`fcn_jax.parallel.mesh.MeshError` unless this layout runs on ``mesh``."""
+        validate_layout(mesh, cfg, batch_size=batch, spectral_layout=self.name)
 
     def spectral_weight_split(self, mesh: MeshSizes) -> int:
         raise NotImplementedError
@@ -150,9 +151,6 @@ class ChannelBlockLayout(Layout):
 
     name = "channel_block"
 
-    def validate(self, cfg, mesh, batch=None):
-        validate_layout(mesh, cfg, batch_size=batch)
-
     def spectral_weight_split(self, mesh):
         return mesh.model_parallel  # block dim over (channel, width, height)
 
@@ -166,21 +164,7 @@ class ChannelBlockLayout(Layout):
         real = b * hl * lon * c1  # [b, lat/Ph, lon, C/(Pc Pw)]
         cols = b * lat * bins * c2  # [b, lat, bins, C/mp]
         halfsp = b * hl * half * c1
-        lw, lh = _lg(lon), _lg(lat)
-        # flops: XLA's convention 8*floor(log2 n) per operand element; bytes: one read + one write
-        ffts = {
-            "rfft lon": (8 * lw * real, 4 * real + 8 * halfsp),
-            "fft lat": (8 * lh * cols, 16 * cols),
-            "ifft lat": (8 * lh * cols, 16 * cols),
-            "irfft lon": (8 * lw * halfsp, 8 * halfsp + 4 * real),
-        }
-        # transposes: rfft^T is a full-length complex fft, irfft^T an rfft of the real cotangent
-        ffts_bwd = {
-            "rfft lon": (8 * lw * real, 16 * real),
-            "fft lat": (8 * lh * cols, 16 * cols),
-            "ifft lat": (8 * lh * cols, 16 * cols),
-            "irfft lon": (8 * lw * real, 4 * real + 8 * halfsp),
-        }
+        ffts, ffts_bwd = _ffts(real, cols, halfsp, lon, lat)
         return {"modes": b * (r1 - r0) * bins, "channels": c2, "ffts": ffts, "ffts_bwd": ffts_bwd,
                 "half_spectrum": b * hl * bins * c1, "bins": bins}
 
@@ -199,5 +183,89 @@ class ChannelBlockLayout(Layout):
         return out
 
 
-#: Registered layouts by name (add the pencil layout here).
-LAYOUTS: dict[str, Layout] = {"channel_block": ChannelBlockLayout()}
+def _ffts(real: int, cols: int, halfsp: int, lon: int, lat: int) -> tuple[dict, dict]:
+    """Forward and backward FFT (flops, bytes) of one transform pair on one device.
+
+    ``real``: elements of the real array the lon rfft reads; ``cols``: complex
+    elements the lat fft (and ifft) transforms; ``halfsp``: complex elements of
+    the full half-spectrum the irfft reads. Flops by XLA's convention
+    (``8*floor(log2 n)`` per operand element); bytes one read + one write.
+    Transposes: rfft^T is a full-length complex fft, irfft^T an rfft of the real cotangent.
+    """
+    lw, lh = _lg(lon), _lg(lat)
+    fwd = {
+        "rfft lon": (8 * lw * real, 4 * real + 8 * halfsp),
+        "fft lat": (8 * lh * cols, 16 * cols),
+        "ifft lat": (8 * lh * cols, 16 * cols),
+        "irfft lon": (8 * lw * halfsp, 8 * halfsp + 4 * real),
+    }
+    bwd = {
+        "rfft lon": (8 * lw * real, 16 * real),
+        "fft lat": (8 * lh * cols, 16 * cols),
+        "ifft lat": (8 * lh * cols, 16 * cols),
+        "irfft lon": (8 * lw * real, 4 * real + 8 * halfsp),
+    }
+    return fwd, bwd
+
+
+def pencil_padding(cfg: ModelConfig, mesh: MeshSizes) -> tuple[int, int, int, int]:
+    """(kept rows, kept bins, rows padded to a multiple of height, bins padded to a multiple of width)."""
+    lat, lon = cfg.token_grid
+    (r0, r1), bins = kept_ranges(lat, lon, cfg.hard_thresholding_fraction)
+    rows = r1 - r0
+    return rows, bins, -(-rows // mesh.height) * mesh.height, -(-bins // mesh.width) * mesh.width
+
+
+class PencilLayout(Layout):
+    """Parallelism spec §3.2: 4 all-to-alls per transform and spatial axis, spectrum split into pencils.
+
+    Each device keeps its whole ``channel`` slice of blocks; the kept modes
+    (rows padded to ``height``, bins to ``width``) are split over height x width.
+    The spectral weights are split over ``channel`` only (replicated spatially).
+    """
+
+    name = "pencil"
+
+    def spectral_weight_split(self, mesh):
+        return mesh.channel
+
+    def spectral_local(self, cfg, mesh, b):
+        lat, lon = cfg.token_grid
+        _, bins, rows_p, bins_p = pencil_padding(cfg, mesh)
+        c1 = cfg.embed_dim // (mesh.channel * mesh.width)  # after the first width all-to-all
+        hl = lat // mesh.height
+        half = lon // 2 + 1
+        real = b * hl * lon * c1  # [b, lat/Ph, lon, C/(Pc Pw)]
+        cols = b * lat * (bins_p // mesh.width) * (cfg.embed_dim // (mesh.channel * mesh.height))
+        halfsp = b * hl * half * c1
+        ffts, ffts_bwd = _ffts(real, cols, halfsp, lon, lat)
+        modes = b * (rows_p // mesh.height) * (bins_p // mesh.width)  # [b, rows_p/Ph, bins_p/Pw, C/Pc]
+        return {"modes": modes, "channels": cfg.embed_dim // mesh.channel, "ffts": ffts, "ffts_bwd": ffts_bwd,
+                "half_spectrum": b * hl * bins * c1, "bins": bins}
+
+    def spectral_collectives(self, cfg, mesh, b, transforms):
+        lat, lon = cfg.token_grid
+        _, _, rows_p, bins_p = pencil_padding(cfg, mesh)
+        pc, ph, pw = mesh.channel, mesh.height, mesh.width
+        a = 4.0 * b * cfg.embed_dim * lat * lon / (pc * ph * pw)  # local f32 activation
+        spec = a * 2 * bins_p / lon  # complex64 kept bins of the local channels and rows
+        n = cfg.depth * transforms
+        out = []
+        if pw > 1:
+            sw, fw = axis_span(mesh, "width"), (pw - 1) / pw
+            out += [Collective("all-to-all", "spectral (width, real)", a * fw, n, sw),
+                    Collective("all-to-all", "spectral (width, bins)", spec * fw, n, sw)]
+        if ph > 1:
+            sh, fh = axis_span(mesh, "height"), (ph - 1) / ph
+            out += [Collective("all-to-all", "spectral (height, columns)", spec * fh, n, sh),
+                    Collective("all-to-all", "spectral (height, rows)", spec * rows_p / lat * fh, n, sh)]
+        return out
+
+
+def spectral_bytes_per_transform(cfg: ModelConfig, mesh: MeshSizes, local_batch: int, layout: str) -> float:
+    """All-to-all bytes one device sends per forward transform (the inverse moves the same)."""
+    return sum(c.bytes for c in LAYOUTS[layout].spectral_collectives(cfg, mesh, local_batch, 1))
+
+
+#: Registered layouts by name.
+LAYOUTS: dict[str, Layout] = {"channel_block": ChannelBlockLayout(), "pencil": PencilLayout()}

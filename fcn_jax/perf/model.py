@@ -182,18 +182,19 @@ def replicated_param_bytes(cfg, mesh, layout="channel_block"):
 # --------------------------------------------------------------------------- #
 
 
+def _local_dims(s: Setting):
+    """(cfg, mesh, local batch, local tokens, embed, hidden, local embed, local hidden, compute bytes, gemm peak)."""
+    cfg, m = s.model, s.mesh
+    lat, lon = cfg.token_grid
+    c, hd = cfg.embed_dim, cfg.mlp_hidden
+    return (cfg, m, s.local_batch, (lat // m.height) * (lon // m.width), c, hd, c // m.channel, hd // m.channel,
+            DTYPE_BYTES[cfg.compute_dtype], f"matmul:{cfg.compute_dtype}")
+
+
 def _forward_work(w: Workload, s: Setting, recompute: bool = False):
     """Forward pass of the backbone on one device (recompute=True: only the per-block part)."""
-    cfg, m = s.model, s.mesh
-    b = s.local_batch
-    lat, lon = cfg.token_grid
-    tl = (lat // m.height) * (lon // m.width)  # local tokens
-    c, hd = cfg.embed_dim, cfg.mlp_hidden
-    cl, hdl = c // m.channel, hd // m.channel
-    dt = cfg.compute_dtype
-    eb = DTYPE_BYTES[dt]
+    cfg, m, b, tl, c, hd, cl, hdl, eb, mm = _local_dims(s)
     p0, p1 = cfg.patch_size
-    mm = f"matmul:{dt}"
     tag = "recompute " if recompute else ""
     if not recompute:
         k = p0 * p1 * cfg.in_channels
@@ -219,16 +220,8 @@ def _forward_work(w: Workload, s: Setting, recompute: bool = False):
 
 def _backward_work(w: Workload, s: Setting):
     """Backward pass: twice the forward GEMMs (input and weight gradients), transposed FFTs."""
-    cfg, m = s.model, s.mesh
-    b = s.local_batch
-    lat, lon = cfg.token_grid
-    tl = (lat // m.height) * (lon // m.width)
-    c, hd = cfg.embed_dim, cfg.mlp_hidden
-    cl, hdl = c // m.channel, hd // m.channel
-    dt = cfg.compute_dtype
-    eb = DTYPE_BYTES[dt]
+    cfg, m, b, tl, c, hd, cl, hdl, eb, mm = _local_dims(s)
     p0, p1 = cfg.patch_size
-    mm = f"matmul:{dt}"
     k = p0 * p1 * cfg.in_channels
     # patch embedding: weight gradient only (the input is data)
     w.add("gemm patch_embed", 2 * b * tl * k * cl, eb * (b * tl * k + k * cl + b * tl * cl), mm)
@@ -349,7 +342,7 @@ def _op_time(op: OpCost, hw: Hardware, devices_sharing: int) -> tuple[float, flo
     if op.peak.startswith("matmul:"):
         peak = hw.matmul_peak(op.peak.split(":", 1)[1])
     elif op.peak == "fft":
-        peak = hw.vector_flops
+        peak = hw.fft_peak()
     else:
         peak = hw.vector_flops
     tc = op.flops * share / peak
@@ -379,8 +372,11 @@ def predict_time(w: Workload, hw: Hardware, emulated: bool = False) -> dict:
 
 
 def useful_flops(s: Setting, forward_only: bool = False) -> float:
-    """Model flops of the step as one device would run it (no redundant work): the MFU numerator."""
-    one = dataclasses.replace(s, mesh=MeshSizes(), hardware=s.hardware)
+    """Model flops of the step as one device would run it: the MFU numerator.
+
+    No redundant work of a mesh and no rematerialisation: the step's flops without remat.
+    """
+    one = dataclasses.replace(s, model=dataclasses.replace(s.model, remat=False), mesh=MeshSizes())
     w = forward_work(one) if forward_only else train_step_work(one)
     return w.flops
 

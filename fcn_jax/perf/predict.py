@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from fcn_jax.config import ModelConfig
-from fcn_jax.parallel.mesh import MeshError, MeshSizes
+from fcn_jax.parallel.mesh import MeshError, MeshSizes, validate_layout
 from fcn_jax.perf import model as pm
 from fcn_jax.perf.hardware import Hardware
 from fcn_jax.perf.layouts import LAYOUTS
@@ -28,10 +28,20 @@ def forward_time(cfg: ModelConfig, mesh: MeshSizes, batch: int, hw: Hardware, la
     return t
 
 
-def predict(cfg: ModelConfig, mesh: MeshSizes, batch: int, hw: Hardware, layout: str = "channel_block",
-            rollout: int = 1, train_steps: int = 0, optimizer_counts: int = 1) -> dict:
-    """Everything the CLI prints, as one dict (bytes, flops, seconds)."""
+def resolve_layout(cfg: ModelConfig, mesh: MeshSizes, batch: int | None, layout: str) -> str:
+    """``auto`` -> the layout the model would use on ``mesh`` (channel-block when it applies, else pencil)."""
+    if layout == "auto":
+        return validate_layout(mesh, cfg, batch_size=batch, spectral_layout="auto").spectral_layout
+    if layout not in LAYOUTS:
+        raise MeshError(f"unknown spectral layout {layout!r}; valid: {['auto', *sorted(LAYOUTS)]}")
     LAYOUTS[layout].validate(cfg, mesh, batch)
+    return layout
+
+
+def predict(cfg: ModelConfig, mesh: MeshSizes, batch: int, hw: Hardware, layout: str = "auto",
+            rollout: int = 1, train_steps: int = 0, optimizer_counts: int = 1) -> dict:
+    """Everything the CLI prints, as one dict (bytes, flops, seconds); ``layout`` may be ``auto``."""
+    layout = resolve_layout(cfg, mesh, batch, layout)
     s = pm.Setting(cfg, mesh, batch, hw, layout, rollout, optimizer_counts)
     w = pm.train_step_work(s)
     t = _time(w, hw)
@@ -51,6 +61,7 @@ def predict(cfg: ModelConfig, mesh: MeshSizes, batch: int, hw: Hardware, layout:
         "step_time_s": {k: v for k, v in t.items() if k != "by_op"},
         "step_time_by_op_s": t["by_op"],
         "mfu": useful / (t["total"] * peak * n) if t["total"] > 0 else float("nan"),
+        "spectral_layout": layout,
     }
     # forward (inference) at one sample per data shard
     fwd = forward_time(cfg, mesh, mesh.data, hw, layout)
@@ -98,22 +109,42 @@ def meshes_for(cfg: ModelConfig, devices: int, layout: str = "channel_block", lo
     return out
 
 
-def cheapest_fitting(cfg: ModelConfig, devices: int, hw: Hardware, layout: str = "channel_block",
-                     remat_options=(False, True)):
-    """The mesh (and remat setting) with the lowest predicted time per sample that fits in memory.
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """The cheapest fitting choice of :func:`cheapest_fitting`."""
 
-    One sample per data shard. Returns (prediction, mesh, remat) or None when nothing fits.
+    mesh: MeshSizes
+    layout: str
+    remat: bool
+    step_s: float  # predicted train step at one sample per data shard
+    memory: dict  # memory_per_device
+
+    @property
+    def per_sample_s(self) -> float:
+        return self.step_s / self.mesh.data
+
+
+def cheapest_fitting(cfg: ModelConfig, devices: int, hw: Hardware, layouts=("channel_block", "pencil"),
+                     remat_options=(False, True), max_data: int | None = None) -> Fit | None:
+    """The mesh, layout and remat setting with the lowest predicted time per sample that fits in memory.
+
+    One sample per data shard; ``devices`` all used; ``max_data`` caps the data axis
+    (the global batch; 1 = one sample split over all devices). None when nothing fits.
     """
+    if isinstance(layouts, str):
+        layouts = (layouts,)
     best = None
-    for remat in remat_options:
-        c = dataclasses.replace(cfg, remat=remat)
-        for m in meshes_for(c, devices, layout):
-            s = pm.Setting(c, m, m.data, hw, layout)
-            mem = pm.memory_per_device(s)
-            if not mem["fits"]:
-                continue
-            t = pm.predict_time(pm.train_step_work(s), hw)["total"]
-            key = t / m.data
-            if best is None or key < best[0]:
-                best = (key, m, remat, mem, t)
+    for layout in layouts:
+        for remat in remat_options:
+            c = dataclasses.replace(cfg, remat=remat)
+            for m in meshes_for(c, devices, layout):
+                if max_data is not None and m.data > max_data:
+                    continue
+                s = pm.Setting(c, m, m.data, hw, layout)
+                mem = pm.memory_per_device(s)
+                if not mem["fits"]:
+                    continue
+                fit = Fit(m, layout, remat, _time(pm.train_step_work(s), hw)["total"], mem)
+                if best is None or fit.per_sample_s < best.per_sample_s:
+                    best = fit
     return best

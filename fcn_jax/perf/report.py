@@ -48,23 +48,75 @@ def seed_rows(hw_name: str = "a100-80gb"):
     return rows
 
 
-def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb"):
-    """Cheapest mesh that fits per configuration and device count (channel-block layout)."""
+def _fits(devices, hw_name: str, max_data: int | None):
+    """(config name, model config, devices, Fit or None) for every seed configuration and device count."""
     hw = HARDWARE[hw_name]
-    rows = []
     for name, kw, _, _ in SEED_TABLE:
         cfg = ModelConfig(**kw)
         for n in devices:
-            best = cheapest_fitting(cfg, n, hw)
-            if best is None:
-                rows.append({"config": name, "devices": n, "mesh": None,
-                             "note": "no channel-block mesh fits: needs model parallelism beyond the 8 AFNO "
-                                     "blocks (pencil layout) or a pipeline stage axis"})
-                continue
-            per_sample, mesh, remat, mem, t = best
-            rows.append({"config": name, "devices": n, "mesh": mesh.shape, "remat": remat,
-                         "per_device_gb": mem["total"] / GB, "step_s": t, "samples_per_s": mesh.data / t})
+            yield name, cfg, n, cheapest_fitting(cfg, n, hw, max_data=max_data)
+
+
+def extension_rows(devices=(8, 16, 64), hw_name: str = "a100-80gb", max_data: int | None = None):
+    """Cheapest mesh that fits per configuration and device count, either spectral layout.
+
+    ``max_data=1``: one sample split over all the devices (the per-device memory of
+    strong scaling); None: any data axis (the fastest use of the devices).
+    """
+    rows = []
+    for name, _, n, best in _fits(devices, hw_name, max_data):
+        if best is None:
+            rows.append({"config": name, "devices": n, "mesh": None,
+                         "note": "no mesh fits in either layout (a pipeline stage axis would be needed)"})
+            continue
+        rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                     "remat": best.remat, "per_device_gb": best.memory["total"] / GB, "step_s": best.step_s,
+                     "samples_per_s": best.mesh.data / best.step_s})
     return rows
+
+
+def tts_rows(devices=(1, 8, 64), hw_name: str = "a100-80gb", steps: int = 126_600, global_batch: int = 64):
+    """Time to solution per configuration and device count: training run, 7-day forecast, 100-member ensemble.
+
+    Training: ``steps`` x ``global_batch`` samples on the cheapest fitting mesh with
+    ``data <= global_batch``; forecasts: :func:`fcn_jax.perf.predict.predict` on that
+    mesh (forecast on one data shard's model-parallel group, ensemble over all).
+    """
+    from fcn_jax.perf.predict import predict
+
+    hw = HARDWARE[hw_name]
+    rows = []
+    for name, cfg, n, best in _fits(devices, hw_name, global_batch):
+        if best is None:
+            rows.append({"config": name, "devices": n, "mesh": None})
+            continue
+        res = predict(dataclasses.replace(cfg, remat=best.remat), best.mesh, best.mesh.data, hw, best.layout)
+        tts = res["time_to_solution_s"]
+        rows.append({"config": name, "devices": n, "mesh": best.mesh.shape, "layout": best.layout,
+                     "remat": best.remat, "training_s": steps * global_batch * best.per_sample_s,
+                     "forecast_7day_s": tts["forecast_7day"], "ensemble_s": tts["ensemble_100x24h"],
+                     "mfu": res["mfu"]})
+    return rows
+
+
+def _fmt_s(t: float) -> str:
+    for unit, sec in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if t >= sec:
+            return f"{t / sec:.1f} {unit}"
+    return f"{t * 1e3:.0f} ms"
+
+
+def format_tts_table(rows, steps: int = 126_600, global_batch: int = 64) -> str:
+    lines = [f"| config | devices | mesh (d,c,h,w), layout | training ({steps:,} steps x {global_batch}) | MFU | "
+             "7-day forecast (28 steps) | 100-member 24 h ensemble |", "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["mesh"] is None:
+            lines.append(f"| {r['config']} | {r['devices']} | does not fit | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))}, {r['layout']}"
+                     f"{', remat' if r['remat'] else ''} | {_fmt_s(r['training_s'])} | {100 * r['mfu']:.0f} % | "
+                     f"{_fmt_s(r['forecast_7day_s'])} | {_fmt_s(r['ensemble_s'])} |")
+    return "\n".join(lines)
 
 
 def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600, global_batch: int = 64):
@@ -76,21 +128,19 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
 
     hw = HARDWARE[hw_name]
     # same number of samples seen (steps x global batch) at each resolution, patch 8 -> tokens grow as 1/deg^2
-    res = [(1.0, (180, 360)), (0.5, (360, 720)), (0.25, (720, 1440)), (0.125, (1440, 2880)), (0.1, (1800, 3600))]
+    # rows and columns rounded down to whole patches (the original uses 720 of 721 rows at 0.25 degrees)
+    res = [(deg, (int(180 / deg) // 8 * 8, int(360 / deg) // 8 * 8)) for deg in (2.0, 1.0, 0.5, 0.25, 0.125, 0.1)]
     samples = steps * global_batch
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for n, style in ((8, "o-"), (64, "s-"), (512, "^-")):
         xs, ys = [], []
         for deg, img in res:
-            cfg = ModelConfig(img_size=img, patch_size=(8, 8) if deg >= 0.25 else (8, 8))
-            if img[0] % 8 or img[1] % 8:
-                continue
-            best = cheapest_fitting(cfg, n, hw)
+            cfg = ModelConfig(img_size=img, patch_size=(8, 8))
+            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
             if best is None:
                 continue
-            per_sample = best[0]
             xs.append(deg)
-            ys.append(samples * per_sample / 86400)
+            ys.append(samples * best.per_sample_s / 86400)
         axes[0].plot(xs, ys, style, label=f"{n} × {hw_name}")
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
@@ -105,12 +155,12 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
                      ("0.1°/p4/24", dict(img_size=(1800, 3600), patch_size=(4, 4), depth=24))):
         cfg = ModelConfig(**kw)
         xs, ys = [], []
-        for n in (8, 16, 32, 64, 128, 256, 512, 1024):
-            best = cheapest_fitting(cfg, n, hw)
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            best = cheapest_fitting(cfg, n, hw, max_data=global_batch)
             if best is None:
                 continue
             xs.append(n)
-            ys.append(samples * best[0] / 86400)
+            ys.append(samples * best.per_sample_s / 86400)
         axes[1].plot(xs, ys, "o-", label=name)
     axes[1].set_xscale("log", base=2)
     axes[1].set_yscale("log")
@@ -119,7 +169,8 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
     axes[1].set_title("time to solution vs device count")
     axes[1].grid(True, which="both", alpha=0.3)
     axes[1].legend()
-    fig.suptitle("fcn_jax performance model (speed of light, no overlap, channel-block layout, fp32)")
+    fig.suptitle(f"fcn_jax performance model: cheapest fitting mesh (channel-block or pencil layout, data <= "
+                 f"{global_batch}), speed of light, no overlap, float32")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -139,18 +190,17 @@ def format_seed_table(rows) -> str:
 
 
 def format_extension_table(rows) -> str:
-    lines = ["| config | devices | cheapest mesh (d,c,h,w) | remat | GB/device | step s | samples/s |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| config | devices | cheapest mesh (d,c,h,w) | layout | remat | GB/device | step s | samples/s |",
+             "|---|---:|---|---|---|---:|---:|---:|"]
     for r in rows:
         if r["mesh"] is None:
-            lines.append(f"| {r['config']} | {r['devices']} | none fits | | | | {r['note']} |")
+            lines.append(f"| {r['config']} | {r['devices']} | none fits | | | | | {r['note']} |")
         else:
-            lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))} | "
+            lines.append(f"| {r['config']} | {r['devices']} | {','.join(map(str, r['mesh']))} | {r['layout']} | "
                          f"{'yes' if r['remat'] else 'no'} | {r['per_device_gb']:.1f} | {r['step_s']:.3f} | "
                          f"{r['samples_per_s']:.1f} |")
     return "\n".join(lines)
 
 
-__all__ = ["SEED_TABLE", "extension_rows", "format_extension_table", "format_seed_table",
-           "plot_time_to_solution", "seed_rows"]
-_ = dataclasses
+__all__ = ["SEED_TABLE", "extension_rows", "format_extension_table", "format_seed_table", "format_tts_table",
+           "plot_time_to_solution", "seed_rows", "tts_rows"]
