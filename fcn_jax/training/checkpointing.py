@@ -19,8 +19,9 @@ intact step, saying so.
 Full disks: before a save the free space is compared with the size of the
 state (cheap: ``statvfs``); a save that still runs out of space (another
 writer filled the disk) raises :class:`CheckpointSpaceError` with the bytes
-needed and free. Either way the partial step is removed and the earlier steps
-are untouched; the next start resumes from the newest complete one.
+needed and free. Either way the earlier steps are untouched; a partial step
+keeps Orbax's temporary name (never listed, removed at the next start), and
+the next start resumes from the newest complete one.
 
 Retention: the latest ``keep_latest`` steps plus the ``keep_best`` steps with
 the lowest validation loss (Orbax's ``max_to_keep`` + ``best_fn`` alone would
@@ -243,9 +244,8 @@ class RunCheckpoints:
             return
         step, needed = self._pending, self._pending_bytes
         self._pending = None
-        if self.primary:  # give the space of the partial step back; committed steps are not touched
-            for partial in self.directory.glob(f"{step}{TMP_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+        # The partial step keeps its temporary name: never listed, never restored, and removed by Orbax at
+        # the next start (removing it here would race with the step's other writes still in flight).
         try:
             self.manager.reload()
         except Exception:  # pragma: no cover - the listing is refreshed at the next start anyway
@@ -257,7 +257,8 @@ class RunCheckpoints:
     def _space_message(self, step, needed, free, before: bool) -> str:
         kept = self.all_steps()
         what = ("not started: the disk is too full" if before
-                else "failed: no space left on device; the partial step was removed")
+                else f"failed: no space left on device (the partial {step}{TMP_SUFFIX} is never used and is "
+                     "removed at the next start)")
         resume = (f"it resumes from step {kept[-1]}" if kept else "it starts from step 0 (no checkpoint yet)")
         return (f"saving checkpoint step {step} to {self.directory} {what}. It needs about {_human(needed)}, "
                 f"{_human(free)} is free there. Earlier checkpoints are intact (steps {kept}). Free some space "

@@ -1,0 +1,288 @@
+"""Fault injection: damaged / truncated / deleted checkpoint files, full disks, two writers, bad store chunks, NaNs.
+
+Each test asserts what is kept (earlier checkpoints, the run directory) and what
+the user is told (step, path, file, bytes, variable/time/chunk).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fcn_jax import integrity
+from fcn_jax.training.checkpointing import (CheckpointDamagedError, CheckpointSpaceError, RunCheckpoints,
+                                            abstract_like)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ helpers
+def _state(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"w": jnp.asarray(rng.normal(size=(64, 512)).astype(np.float32)),  # 128 KiB: a real data file
+            "b": jnp.asarray(rng.normal(size=(7,)).astype(np.float32)),
+            "step": jnp.asarray(seed, jnp.int32)}
+
+
+def _two_steps(directory: Path, log=None) -> RunCheckpoints:
+    ck = RunCheckpoints(directory, keep_latest=3, keep_best=0, log=log or print)
+    for step in (1, 2):
+        ck.save(step, _state(step), {"pos": step}, {"step": step}, force=True)
+    ck.wait()
+    return ck
+
+
+def _largest_file(step_dir: Path) -> Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != integrity.MANIFEST]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def damage(step_dir: Path, kind: str) -> str:
+    """Hurt one file of a checkpoint as a failing disk or a partial copy would; returns its relative name."""
+    target = _largest_file(step_dir)
+    if kind == "damaged":  # 4 KB overwritten in the middle
+        data = bytearray(target.read_bytes())
+        mid = len(data) // 2
+        n = min(4096, len(data) // 4)
+        data[mid:mid + n] = bytes((b + 1) % 256 for b in data[mid:mid + n])
+        target.write_bytes(bytes(data))
+    elif kind == "truncated":
+        with open(target, "r+b") as f:
+            f.truncate(target.stat().st_size // 3)
+    elif kind == "deleted":
+        target.unlink()
+    elif kind == "manifest_deleted":
+        target = step_dir / integrity.MANIFEST
+        target.unlink()
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return target.relative_to(step_dir).as_posix()
+
+
+# ------------------------------------------------------- damaged checkpoints
+@pytest.mark.parametrize("kind", ["damaged", "truncated", "deleted", "manifest_deleted"])
+def test_damaged_latest_checkpoint_falls_back_to_newest_intact(tmp_path, kind):
+    ckdir = tmp_path / "run" / "checkpoints"
+    ck = _two_steps(ckdir)
+    assert ck.verify(1) == [] and ck.verify(2) == []
+    manifest = json.loads((ckdir / "2" / integrity.MANIFEST).read_text())
+    assert any(name.startswith("state/") for name in manifest["files"])  # the arrays are covered
+    ck.close()
+    name = damage(ckdir / "2", kind)
+
+    messages = []
+    ck = RunCheckpoints(ckdir, keep_latest=3, keep_best=0, log=messages.append)
+    step, state, data_state, meta = ck.restore_latest(abstract_like(_state(0)))
+    # the newest intact step, exactly as saved
+    assert step == 1 and data_state == {"pos": 1} and meta["step"] == 1
+    for k, v in _state(1).items():
+        np.testing.assert_array_equal(np.asarray(state[k]), np.asarray(v))
+    # the user is told: step, path, which file and how
+    assert len(messages) == 1
+    msg = messages[0]
+    assert "step 2" in msg and str(ckdir / "2") in msg and "falling back to step 1" in msg
+    assert name in msg
+    assert {"damaged": "contents damaged", "truncated": "truncated", "deleted": "missing",
+            "manifest_deleted": "no integrity manifest"}[kind] in msg
+    # the damaged step is set aside, never deleted, with a note; Orbax no longer lists it
+    moved = tmp_path / "run" / "checkpoints_damaged" / "2"
+    assert moved.is_dir() and "failed verification" in (moved.parent / "2.DAMAGED.txt").read_text()
+    assert ck.all_steps() == [1]
+    # a restore of a damaged step by number is refused too
+    ck.close()
+
+
+def test_restore_by_step_refuses_a_damaged_step(tmp_path):
+    ck = _two_steps(tmp_path / "checkpoints")
+    damage(tmp_path / "checkpoints" / "1", "damaged")
+    with pytest.raises(CheckpointDamagedError, match=r"checkpoint step 1 .*contents damaged"):
+        ck.restore(1, abstract_like(_state(0)))
+    ck.close()
+
+
+def test_no_intact_checkpoint_stops_and_moves_nothing(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    _two_steps(ckdir).close()
+    damage(ckdir / "1", "truncated")
+    damage(ckdir / "2", "deleted")
+    ck = RunCheckpoints(ckdir)
+    with pytest.raises(CheckpointDamagedError, match=r"no intact checkpoint.*step 2: .*missing.*step 1: .*truncated"):
+        ck.restore_latest(abstract_like(_state(0)))
+    assert ck.all_steps() == [1, 2] and not (tmp_path / "checkpoints_damaged").exists()
+    ck.close()
+
+
+def test_verify_command_reports_damage_without_changing_anything(tmp_path, capsys):
+    from fcn_jax.checkpoint import main, save_model
+    from fcn_jax.config import load_experiment
+    from fcn_jax.model.afnonet import build_model
+
+    run = tmp_path / "run"
+    _two_steps(run / "checkpoints").close()
+    cfg = load_experiment("world", ["model.embed_dim=32", "model.depth=1"]).model
+    save_model(run / "model_final", build_model(cfg, seed=0))
+    assert main(["verify", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "ok       step 1" in out and "ok       step 2" in out and "model_final" in out and "all intact" in out
+
+    name = damage(run / "checkpoints" / "2", "damaged")
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    assert main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED  step 2" in out and name in out and "ok       step 1" in out
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before  # read-only
+
+
+def test_exported_model_carries_and_verifies_integrity(tmp_path):
+    from fcn_jax.checkpoint import load_model, save_model
+    from fcn_jax.config import load_experiment
+    from fcn_jax.model.afnonet import build_model
+
+    cfg = load_experiment("world", ["model.embed_dim=32", "model.depth=1"]).model
+    out = save_model(tmp_path / "model", build_model(cfg, seed=0))
+    assert integrity.verify(out) == []
+    load_model(out)  # intact: loads
+    name = damage(out, "damaged")
+    with pytest.raises(integrity.IntegrityError, match=rf"model checkpoint .* is damaged: {name}: contents damaged"):
+        load_model(out)
+
+
+# ---------------------------------------------------------------- full disk
+def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    from fcn_jax.training import checkpointing
+
+    ckdir = tmp_path / "checkpoints"
+    ck = _two_steps(ckdir)
+    real = shutil.disk_usage
+
+    def tiny(path):
+        return real(path)._replace(free=50_000)
+
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", tiny)
+    with pytest.raises(CheckpointSpaceError) as err:
+        ck.save(3, _state(3), {"pos": 3}, {"step": 3}, force=True)
+    e = err.value
+    assert e.step == 3 and e.free == 50_000 and e.needed > 128 * 1024
+    assert "needs about 1.1 MiB, 48.8 KiB is free" in str(e) and "steps [1, 2]" in str(e)
+    assert "resumes from step 2" in str(e)
+    assert sorted(p.name for p in ckdir.iterdir()) == ["1", "2"]  # nothing started, nothing lost
+    assert ck.verify(1) == [] and ck.verify(2) == []
+    ck.close()
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+_ENOSPC_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import jax.numpy as jnp, numpy as np
+    from fcn_jax.training.checkpointing import CheckpointSpaceError, RunCheckpoints
+    d = sys.argv[1]
+    ck = RunCheckpoints(os.path.join(d, "checkpoints"), check_free_space=False)  # the real write must fail
+    ck.save(1, {"a": jnp.arange(1000.0)}, {"i": 1}, {"m": 1}, force=True)
+    ck.wait()
+    big = {"a": jnp.asarray(np.random.default_rng(0).normal(size=400_000).astype(np.float32))}  # 1.6 MB > disk
+    try:
+        ck.save(2, big, {"i": 2}, {"m": 2}, force=True)
+        ck.wait()
+        print("RESULT saved")
+    except CheckpointSpaceError as e:
+        print("RESULT", e)
+    print("LISTING", json.dumps(sorted(os.listdir(os.path.join(d, "checkpoints")))))
+    ck.close()
+""")
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -Urm` to mount a tiny tmpfs")
+def test_enospc_on_a_tiny_filesystem_keeps_earlier_checkpoints(tmp_path):
+    """A real 1 MiB tmpfs fills up during the save: tensorstore's write fails with ENOSPC."""
+    (tmp_path / "enospc.py").write_text(_ENOSPC_SCRIPT)
+    mnt, keep = tmp_path / "mnt", tmp_path / "after"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mnt} && "
+              f"{sys.executable} {tmp_path / 'enospc.py'} {mnt} && cp -a {mnt} {keep}")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = [l for l in r.stdout.splitlines() if l.startswith("RESULT")][0]
+    assert "saving checkpoint step 2" in result and "no space left on device" in result
+    assert "needs about 2.5 MiB" in result and "steps [1]" in result and "resumes from step 1" in result
+    listing = json.loads([l for l in r.stdout.splitlines() if l.startswith("LISTING")][0][len("LISTING "):])
+    assert [n for n in listing if n.isdigit()] == ["1"]  # step 2 never committed, step 1 stays
+    # the next start (here: on a copy with room) resumes from the last complete step
+    ck = RunCheckpoints(keep / "checkpoints")
+    assert ck.all_steps() == [1]
+    step, state, _, meta = ck.restore_latest({"a": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+    assert step == 1 and meta == {"m": 1}
+    np.testing.assert_array_equal(np.asarray(state["a"]), np.arange(1000.0, dtype=np.float32))
+    ck.close()
+
+
+def test_enospc_from_the_storage_layer_is_reported_with_sizes(tmp_path, monkeypatch):
+    """An injected OSError(ENOSPC) while Orbax writes the step (e.g. another writer filled the disk)."""
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+
+    ckdir = tmp_path / "checkpoints"
+    ck = _two_steps(ckdir)
+
+    async def full(self, x, directory):  # the JSON items' file write
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+    monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", full)
+    with pytest.raises(CheckpointSpaceError, match=r"step 3 .*no space left on device.*needs about .*steps \[1, 2\]"):
+        ck.save(3, _state(3), {"pos": 3}, {"step": 3}, force=True)
+        ck.wait()
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckdir.iterdir() if p.name.isdigit()) == ["1", "2"]
+    try:
+        ck.close()
+    except Exception:  # noqa: BLE001 - Orbax may re-raise the failed save's other errors
+        pass
+    ck = RunCheckpoints(ckdir)  # the next start restores step 2 (Orbax removes the partial step meanwhile)
+    assert ck.all_steps() == [1, 2]
+    assert ck.restore_latest(abstract_like(_state(0)))[0] == 2 and ck.verify(1) == ck.verify(2) == []
+    ck.close()
+
+
+# -------------------------------------------------------------- two writers
+def test_second_process_on_a_live_run_directory_is_refused(tmp_path):
+    from fcn_jax.training.runlock import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fcn_jax.training.runlock import RunLock; "
+         f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(
+            [sys.executable, "-m", "fcn_jax.train", "world", "--workdir", str(run), "--no-progress"],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"{run} is in use by another training process (pid {holder.pid} on host" in second.stderr
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of the run touched
+        with pytest.raises(RunLockedError):
+            RunLock(run).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # a crashed (killed) holder leaves no stuck lock
+    with RunLock(run):
+        assert f'"pid": {os.getpid()}' in (run / ".lock").read_text()
