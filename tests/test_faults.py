@@ -286,3 +286,163 @@ def test_second_process_on_a_live_run_directory_is_refused(tmp_path):
     # a crashed (killed) holder leaves no stuck lock
     with RunLock(run):
         assert f'"pid": {os.getpid()}' in (run / ".lock").read_text()
+
+
+# ------------------------------------------------------- training-level faults
+@pytest.fixture(scope="module")
+def store():
+    """The small world of tests/test_training.py (40 days), cached like the demo's world."""
+    from fcn_jax.data.world import WorldSpec, world_store
+
+    return str(world_store(spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
+
+
+def _overrides(store, **train):
+    base = {
+        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
+        "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8,
+        "mesh.data": -1, "train.batch_size": 8, "train.steps": 8, "train.log_every": 1,
+        "train.validate_every": 100, "train.checkpoint_every": 2, "train.validate_batches": 1,
+        "train.warmup_steps": 0,
+    }
+    base.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _losses(workdir):
+    recs = [json.loads(l) for l in Path(workdir, "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
+
+
+def _store_copy(store, tmp_path) -> Path:
+    dst = tmp_path / "store.zarr"
+    shutil.copytree(store, dst)
+    return dst
+
+
+def _batch_windows(store, cfg, batch: int):
+    """(window indices of global batch ``batch`` (0-based), the WindowSource), in the pipeline's own order."""
+    import grain
+
+    from fcn_jax.data.pipeline import WindowSource
+
+    src = WindowSource(store, list(cfg.data.channels), cfg.train.rollout_steps, "2000", stride=cfg.data.dt)
+    ds = grain.MapDataset.range(len(src)).seed(cfg.train.seed).shuffle().repeat(None)
+    return [int(i) for i in ds.batch(cfg.train.batch_size, drop_remainder=True)[batch]], src
+
+
+def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, tmp_path):
+    from fcn_jax.config import load_experiment
+    from fcn_jax.training.loop import train
+
+    cfg = load_experiment("world", _overrides(store))
+    train(cfg, tmp_path / "ref", progress=False)
+    reference = _losses(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    first = train(cfg, run, progress=False, max_steps=6)
+    assert first["last_saved"] == 6
+    name = damage(run / "checkpoints" / "6", "damaged")
+    second = train(cfg, run, progress=False)
+    assert second["start_step"] == 4 and second["final_step"] == 8  # newest intact: step 4
+    assert (run / "checkpoints_damaged" / "6").is_dir()
+    assert name in (run / "checkpoints_damaged" / "6.DAMAGED.txt").read_text()
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):  # steps 5, 6 re-run from step 4, 7, 8 new: all as if nothing happened
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=0), step
+    from fcn_jax.checkpoint import verify_path
+
+    ok, lines = verify_path(run)
+    assert ok, lines
+
+
+def test_full_disk_during_training_stops_and_next_start_resumes(store, tmp_path, monkeypatch):
+    from fcn_jax.config import load_experiment
+    from fcn_jax.training import checkpointing
+    from fcn_jax.training.loop import train
+
+    cfg = load_experiment("world", _overrides(store, steps=6))
+    real, calls = shutil.disk_usage, []
+
+    def filling_up(path):  # room for the first two saves, then the disk is full
+        calls.append(path)
+        return real(path) if len(calls) <= 2 else real(path)._replace(free=10_000)
+
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", filling_up)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointSpaceError, match=r"saving checkpoint step 6 .*needs about .*9.8 KiB is free.*"
+                                                   r"steps \[2, 4\].*resumes from step 4"):
+        train(cfg, run, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+    assert not (run / "model_final").exists()
+    summary = train(cfg, run, progress=False)
+    assert summary["start_step"] == 4 and summary["final_step"] == 6
+
+
+def test_damaged_store_chunk_names_variable_time_and_chunk(store, tmp_path):
+    from fcn_jax.config import load_experiment
+    from fcn_jax.data.errors import DataError
+    from fcn_jax.training.loop import train
+
+    bad_store = _store_copy(store, tmp_path)
+    cfg = load_experiment("world", _overrides(str(bad_store), steps=8))
+    # a time step first read in the batch of step 5 (so checkpoints 2 and 4 exist before it)
+    seen = set()
+    for b in range(4):
+        idx, src = _batch_windows(str(bad_store), cfg, b)
+        seen |= {int(t) for i in idx for t in src._index[i]}
+    idx, src = _batch_windows(str(bad_store), cfg, 4)
+    t = next(int(t) for i in idx for t in src._index[i] if int(t) not in seen)
+    chunk = bad_store / "fields" / f"{t}.0.0.0"
+    chunk.write_bytes(np.random.default_rng(0).integers(0, 256, chunk.stat().st_size, np.uint8).tobytes())
+
+    run = tmp_path / "run"
+    with pytest.raises(DataError) as err:
+        train(cfg, run, progress=False)
+    msg = str(err.value)
+    when = np.datetime_as_string(src.times[t], unit="m")
+    assert f"variable 'fields' cannot be decoded at time {when} (time index {t}), chunk {chunk}" in msg
+    assert "batch of step 5" in msg
+    ck = RunCheckpoints(run / "checkpoints")
+    assert ck.all_steps() == [2, 4] and ck.verify(2) == [] and ck.verify(4) == []  # untouched
+    ck.close()
+
+
+def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):
+    import zarr
+
+    from fcn_jax.config import load_experiment
+    from fcn_jax.data.pipeline import make_train_iterator
+    from fcn_jax.parallel.mesh import make_mesh
+    from fcn_jax.training.loop import NonFiniteLossError, train
+
+    bad_store = _store_copy(store, tmp_path)
+    arr = zarr.open_array(str(bad_store / "fields"), mode="r+")
+    poisoned = [40, 90, 130]
+    for t in poisoned:  # NaN that got into the store after prepare
+        x = arr[t]
+        x[3, 5, 7] = np.nan
+        arr[t] = x
+    cfg = load_experiment("world", _overrides(str(bad_store), steps=20, checkpoint_every=4))
+    # which step meets a NaN, found by reading the batches through the real pipeline (no shortcut)
+    mesh = make_mesh((8, 1, 1, 1))
+    with jax.set_mesh(mesh):
+        it = make_train_iterator(str(bad_store), mesh=mesh, batch_size=8, channels=list(cfg.data.channels),
+                                 years="2000", seed=cfg.train.seed, normalize=False)
+        first_bad = next(b for b in range(20) if not np.isfinite(np.asarray(next(it))).all()) + 1
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, tmp_path / "run", progress=False)
+    msg = str(err.value)
+    assert f"became NaN or Inf at step {first_bad} " in msg
+    import re
+
+    starts = re.search(r"windows starting at \[([^\]]*)\]", msg).group(1).split(", ")
+    assert len(starts) <= 8
+    src = it.source
+    bad_starts = {np.datetime_as_string(src.times[t - d], unit="h") for t in poisoned for d in (0, cfg.data.dt)}
+    assert bad_starts & set(starts), (starts, bad_starts)
+    last_good = (first_bad - 1) // 4 * 4
+    if last_good:
+        assert f"last good checkpoint (verified) is step {last_good}" in msg
