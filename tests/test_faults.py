@@ -331,6 +331,7 @@ def _batch_windows(store, cfg, batch: int):
     return [int(i) for i in ds.batch(cfg.train.batch_size, drop_remainder=True)[batch]], src
 
 
+@pytest.mark.slow
 def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, tmp_path):
     from fcn_jax.config import load_experiment
     from fcn_jax.training.loop import train
@@ -357,6 +358,7 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
     assert ok, lines
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_stops_and_next_start_resumes(store, tmp_path, monkeypatch):
     from fcn_jax.config import load_experiment
     from fcn_jax.training import checkpointing
