@@ -17,8 +17,10 @@ refused with the file and what is wrong.
 Command line::
 
     python -m fcn_jax.checkpoint verify DIR [DIR ...]   # a run directory, its checkpoints/, or a model
+    python -m fcn_jax.checkpoint seal DIR [DIR ...]     # add integrity data to trusted pre-integrity checkpoints
 
-checks without changing anything and exits 1 if anything is damaged.
+``verify`` checks without changing anything and exits 1 if anything is
+damaged; ``seal`` only adds manifests where there are none.
 """
 
 from __future__ import annotations
@@ -170,6 +172,29 @@ def verify_path(path: str | Path) -> tuple[bool, list[str]]:
     return ok, lines
 
 
+def seal_path(path: str | Path) -> list[str]:
+    """Write integrity manifests where a trusted run directory / model lacks them (made before fcn_jax wrote them).
+
+    Only directories *without* a manifest are sealed; one that has a manifest
+    is never rewritten (that would bless damage). Returns what was sealed.
+    """
+    from fcn_jax.training.checkpointing import ORBAX_COMMIT_FILES
+
+    path = Path(path).resolve()
+    if (path / "model.json").is_file():
+        targets = [(path, ())]
+    else:
+        ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        targets = [(p, ORBAX_COMMIT_FILES) for p in sorted(ckdir.iterdir()) if p.is_dir() and p.name.isdigit()]
+        targets += [(path / n, ()) for n in ("model_best", "model_final") if (path / n / "model.json").is_file()]
+    sealed = []
+    for d, unchecked in targets:
+        if not (d / integrity.MANIFEST).exists():
+            integrity.write_manifest(d, unchecked=unchecked)
+            sealed.append(str(d))
+    return sealed
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -178,7 +203,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="verify a run directory, its checkpoints/ or a model directory")
     v.add_argument("paths", nargs="+")
+    s = sub.add_parser("seal", help="add integrity data to checkpoints written before fcn_jax had it (trusted only!)")
+    s.add_argument("paths", nargs="+")
     args = ap.parse_args(argv)
+    if args.cmd == "seal":
+        for p in args.paths:
+            done = seal_path(p)
+            print("\n".join(f"sealed   {d}" for d in done) or f"nothing to seal in {p}")
+        return 0
     all_ok = True
     for p in args.paths:
         ok, lines = verify_path(p)

@@ -101,7 +101,7 @@ def verify(directory: str | Path) -> list[str]:
     path = directory / MANIFEST
     if not path.is_file():
         return [f"no integrity manifest {MANIFEST} (deleted, or written by an fcn_jax without integrity data); "
-                "its contents cannot be verified"]
+                "its contents cannot be verified (if you trust it: python -m fcn_jax.checkpoint seal DIR)"]
     try:
         manifest = json.loads(path.read_text())
         listed = manifest["files"]

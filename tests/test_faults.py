@@ -140,6 +140,25 @@ def test_verify_command_reports_damage_without_changing_anything(tmp_path, capsy
     out = capsys.readouterr().out
     assert "DAMAGED  step 2" in out and name in out and "ok       step 1" in out
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before  # read-only
+    from fcn_jax.train import main as train_main  # the training CLI's flag: the same check, no training
+
+    assert train_main(["world", "--workdir", str(run), "--verify-checkpoints"]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED  step 2" in out and name in out
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+
+
+def test_seal_adds_manifests_only_where_missing(tmp_path, capsys):
+    from fcn_jax.checkpoint import main
+
+    ckdir = tmp_path / "run" / "checkpoints"
+    _two_steps(ckdir).close()
+    (ckdir / "1" / integrity.MANIFEST).unlink()  # as a checkpoint from before integrity data
+    damage(ckdir / "2", "damaged")
+    assert main(["seal", str(tmp_path / "run")]) == 0
+    assert f"sealed   {ckdir / '1'}" in capsys.readouterr().out
+    assert integrity.verify(ckdir / "1") == []
+    assert integrity.verify(ckdir / "2") != []  # an existing manifest is never rewritten
 
 
 def test_exported_model_carries_and_verifies_integrity(tmp_path):
@@ -437,7 +456,7 @@ def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):
     with pytest.raises(NonFiniteLossError) as err:
         train(cfg, tmp_path / "run", progress=False)
     msg = str(err.value)
-    assert f"became NaN or Inf at step {first_bad} " in msg
+    assert f"became NaN or Inf by step {first_bad}: the first non-finite step" in msg
     import re
 
     starts = re.search(r"windows starting at \[([^\]]*)\]", msg).group(1).split(", ")
@@ -447,4 +466,4 @@ def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):
     assert bad_starts & set(starts), (starts, bad_starts)
     last_good = (first_bad - 1) // 4 * 4
     if last_good:
-        assert f"last good checkpoint (verified) is step {last_good}" in msg
+        assert f"last good checkpoint is step {last_good} (verified)" in msg

@@ -187,7 +187,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
         bar = _progress(start, end, enabled=progress and primary)
         t_last, n_last, wait_s = time.perf_counter(), start, 0.0
         last_saved = start
-        losses: list = []  # (step, loss on device) since the last finiteness check
+        losses: list = []  # (step, loss, grad norm) on device since the last finiteness check
         ok = False
         try:
             with _Preempted() as preempt:
@@ -201,9 +201,10 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
                                         f"after this, the ones in {workdir / 'checkpoints'} are untouched)") from e
                     wait_s += time.perf_counter() - t0
                     state, metrics = step_fn(state, batch)
-                    finite = finite & jnp.isfinite(metrics["loss"])
+                    # the gradients too: a finite loss with NaN gradients would save NaN parameters
+                    finite = finite & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
                     step += 1
-                    losses.append((step, metrics["loss"]))
+                    losses.append((step, metrics["loss"], metrics["grad_norm"]))
                     record = None
                     if step % tcfg.log_every == 0 or step == end:
                         _check_finite(finite, losses, ckpts, workdir, feed, cfg)
@@ -259,19 +260,21 @@ def _meta(meta: dict, cfg: ExperimentConfig, step: int) -> dict:
 
 
 def _check_finite(finite, losses: list, ckpts: RunCheckpoints, workdir: Path, feed, cfg: ExperimentConfig) -> None:
-    """Raise NonFiniteLossError naming the first bad step and its samples' time stamps; else forget ``losses``."""
+    """Raise NonFiniteLossError naming the first step with a non-finite loss or gradient and its samples'
+    time stamps; else forget ``losses``."""
     if bool(finite):
         losses.clear()
         return
-    values = np.asarray(jnp.stack([v for _, v in losses]))
-    bad = int(np.argmax(~np.isfinite(values)))
+    values = np.asarray(jnp.stack([jnp.stack([l, g]) for _, l, g in losses]))  # [n, (loss, grad norm)]
+    bad = int(np.argmax(~np.isfinite(values).all(axis=1)))
     step = losses[bad][0]
     ckpts.wait()
     last = ckpts.last_intact_step()
-    good = (f"The last good checkpoint (verified) is step {last} in {workdir / 'checkpoints'}"
+    good = (f"The last good checkpoint is step {last} (verified) in {workdir / 'checkpoints'}"
             if last is not None else f"There is no intact checkpoint in {workdir / 'checkpoints'}")
     raise NonFiniteLossError(
-        f"the training loss became NaN or Inf at step {step} (loss {values[bad]}); stopping without saving. "
+        f"the training loss became NaN or Inf by step {step}: the first non-finite step (loss {values[bad, 0]}, "
+        f"gradient norm {values[bad, 1]}); stopping without saving. "
         f"The samples of step {step} are the windows starting at {_batch_times(feed, cfg, step)}. {good}. "
         "Lower train.lr, enable train.grad_clip, or check the data for bad values at those times."
     )
