@@ -86,7 +86,11 @@ def _from_primary(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+    # int32 pieces: without jax_enable_x64 an int64 would be truncated (free bytes exceed 2**31)
+    v = abs(int(value))
+    parts = np.asarray([1 if value >= 0 else -1, v >> 31, v & 0x7FFFFFFF], np.int32)
+    sign, hi, lo = (int(x) for x in np.asarray(multihost_utils.broadcast_one_to_all(parts)))
+    return sign * ((hi << 31) | lo)
 
 
 def verify_step_dir(path: str | Path) -> list[str]:
