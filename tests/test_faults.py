@@ -97,7 +97,6 @@ def test_damaged_latest_checkpoint_falls_back_to_newest_intact(tmp_path, kind):
     moved = tmp_path / "run" / "checkpoints_damaged" / "2"
     assert moved.is_dir() and "failed verification" in (moved.parent / "2.DAMAGED.txt").read_text()
     assert ck.all_steps() == [1]
-    # a restore of a damaged step by number is refused too
     ck.close()
 
 
@@ -429,6 +428,23 @@ def test_damaged_store_chunk_names_variable_time_and_chunk(store, tmp_path):
     ck = RunCheckpoints(run / "checkpoints")
     assert ck.all_steps() == [2, 4] and ck.verify(2) == [] and ck.verify(4) == []  # untouched
     ck.close()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_window_read_of_a_damaged_chunk_names_it(store, tmp_path, kind):
+    from fcn_jax.data.errors import DataError
+    from fcn_jax.data.pipeline import WindowSource
+
+    bad_store = _store_copy(store, tmp_path)
+    src = WindowSource(str(bad_store), None, rollout_steps=2, years="2000", stride=2)  # non-contiguous reads
+    i = 10
+    t = int(src._index[i][1])  # the middle step of window 10
+    chunk = bad_store / "fields" / f"{t}.0.0.0"
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else bytes(len(raw)))
+    with pytest.raises(DataError, match=rf"'fields' cannot be decoded at time .* \(time index {t}\), chunk {chunk}"):
+        src[i]
+    np.testing.assert_array_equal(src[i + 3].shape, (3, 32, 64, 17))  # other windows still read
 
 
 def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):

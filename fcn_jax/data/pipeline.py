@@ -175,7 +175,6 @@ def _undecodable(src: WindowSource, time_indices, lat: slice, lon: slice, error:
     """A DataError naming the variable, time and chunk of ``src`` that fails to decode (found by re-reading)."""
     arr = src._array()
     chunks = arr.chunks  # (time, channel, lat, lon) chunk shape
-    sep = getattr(arr.metadata, "dimension_separator", ".") or "."
 
     def blocks(sl: slice, n: int, c: int) -> range:  # chunk indices a slice of a length-n axis touches
         a, b, _ = sl.indices(n)
@@ -188,7 +187,7 @@ def _undecodable(src: WindowSource, time_indices, lat: slice, lon: slice, error:
                     try:  # one element decodes its whole chunk
                         arr[int(t), kc * chunks[1], kla * chunks[2], klo * chunks[3]]
                     except Exception as e:  # noqa: BLE001
-                        key = sep.join(str(v) for v in (int(t) // chunks[0], kc, kla, klo))
+                        key = arr.metadata.encode_chunk_key((int(t) // chunks[0], kc, kla, klo))  # zarr v2 or v3
                         when = np.datetime_as_string(src.times[int(t)], unit="m")
                         return DataError(
                             f"{src.store}: variable 'fields' cannot be decoded at time {when} (time index {int(t)}), "
