@@ -205,7 +205,7 @@ class RunCheckpoints:
         """
         self.wait()  # the previous save is committed (and sealed) before this one starts
         data_state = data_state or {}
-        needed = _OVERHEAD + sum(int(x.nbytes) for x in jax.tree.leaves(state)) \
+        needed = _OVERHEAD + sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) \
             + len(json.dumps(data_state)) + len(json.dumps(meta))
         if self.check_free_space:
             free = _from_primary(shutil.disk_usage(self.directory).free if self.primary else 0)
