@@ -22,7 +22,7 @@ each shard's *index* (zarr3 ``sharding_indexed`` ``index_codecs``); the chunk
 data, the OCDBT manifest and B-tree nodes, and Orbax's JSON items and
 metadata files carry none, so overwritten bytes in the middle of a data file
 restore silently. A per-file CRC32C (``google-crc32c``, hardware-accelerated)
-covers all of them at a read speed of several GB/s.
+covers all of them (0.8 GB/s measured on a shared 2-core VM).
 """
 
 from __future__ import annotations
