@@ -39,13 +39,13 @@ from flax import nnx
 
 from fcn_jax import checkpoint as model_ckpt
 from fcn_jax.config import ExperimentConfig, dump_experiment
+from fcn_jax.data.errors import DataError
 from fcn_jax.model.afnonet import build_model, shard_model
 from fcn_jax.parallel.mesh import build_mesh, model_sizes, use_spectral_layout
-from fcn_jax.data.errors import DataError
 from fcn_jax.training import data_feed
 from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
-from fcn_jax.training.runlock import RunLock
 from fcn_jax.training.optim import make_optimizer
+from fcn_jax.training.runlock import RunLock
 from fcn_jax.training.step import TrainState, init_opt_state, make_train_step
 from fcn_jax.training.validation import Validator
 
