@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None,
                     help="stop after this many steps in this invocation (the schedule follows train.steps)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--verify-checkpoints", action="store_true",
+                    help="only verify the run directory's checkpoints and exported models, then exit (1: damaged)")
     dist = ap.add_argument_group("multi-host")
     dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
     dist.add_argument("--num-processes", type=int, default=None)
@@ -50,14 +52,30 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = args.workdir or os.path.join("runs", cfg.name)
+    if args.verify_checkpoints:
+        from fcn_jax.checkpoint import verify_path
+
+        ok, lines = verify_path(workdir)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    from fcn_jax.integrity import IntegrityError
+    from fcn_jax.training.checkpointing import CheckpointDamagedError, CheckpointSpaceError
+    from fcn_jax.training.runlock import RunLockedError
+
     try:
         summary = train(cfg, workdir, progress=not args.no_progress, max_steps=args.max_steps)
-    except (MeshError, DataError, FileNotFoundError, ValueError) as e:
+    except (MeshError, DataError, FileNotFoundError, ValueError, RunLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointSpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except (CheckpointDamagedError, IntegrityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     import jax
 
     if jax.process_index() == 0:

@@ -155,17 +155,46 @@ class WindowSource:
         """Window ``i`` restricted to a lat/lon box: x: [k + 1, lat, lon, channel] float32."""
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range [0, {len(self)})")
-        if self._contiguous:
-            t0 = int(self.starts[i])
-            x = self._array()[t0: t0 + self.rollout_steps + 1, :, lat, lon]  # [k+1, C_store, h, w]
-        else:
-            x = self._array().get_orthogonal_selection((self._index[i], slice(None), lat, lon))
+        try:
+            if self._contiguous:
+                t0 = int(self.starts[i])
+                x = self._array()[t0: t0 + self.rollout_steps + 1, :, lat, lon]  # [k+1, C_store, h, w]
+            else:
+                x = self._array().get_orthogonal_selection((self._index[i], slice(None), lat, lon))
+        except Exception as e:  # noqa: BLE001 - a chunk that does not decode: say which one
+            raise _undecodable(self, self._index[i], lat, lon, e) from e
         if not self._all_channels:
             x = x[:, self.channel_index]
         return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)), dtype=np.float32)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.read(int(i))
+
+
+def _undecodable(src: WindowSource, time_indices, lat: slice, lon: slice, error: Exception) -> DataError:
+    """A DataError naming the variable, time and chunk of ``src`` that fails to decode (found by re-reading)."""
+    arr = src._array()
+    chunks = arr.chunks  # (time, channel, lat, lon) chunk shape
+
+    def blocks(sl: slice, n: int, c: int) -> range:  # chunk indices a slice of a length-n axis touches
+        a, b, _ = sl.indices(n)
+        return range(a // c, max(a, b - 1) // c + 1)
+
+    for t in time_indices:
+        for kc in blocks(slice(None), arr.shape[1], chunks[1]):
+            for kla in blocks(lat, arr.shape[2], chunks[2]):
+                for klo in blocks(lon, arr.shape[3], chunks[3]):
+                    try:  # one element decodes its whole chunk
+                        arr[int(t), kc * chunks[1], kla * chunks[2], klo * chunks[3]]
+                    except Exception as e:  # noqa: BLE001
+                        key = arr.metadata.encode_chunk_key((int(t) // chunks[0], kc, kla, klo))  # zarr v2 or v3
+                        when = np.datetime_as_string(src.times[int(t)], unit="m")
+                        return DataError(
+                            f"{src.store}: variable 'fields' cannot be decoded at time {when} (time index {int(t)}), "
+                            f"chunk {os.path.join(src.store, 'fields', key)}: {e}. The store was damaged after it "
+                            "was prepared; prepare it again from the sources (python -m fcn_jax.data prepare ...)")
+    return DataError(f"{src.store}: variable 'fields' could not be read at time indices {list(map(int, time_indices))} "
+                     f"(lat {lat}, lon {lon}): {error}")
 
 
 # -------------------------------------------------------------- normalisation

@@ -10,9 +10,17 @@ Everything a run produces lives in its work directory::
     WORKDIR/model_final/       weights at the end of the run
 
 A restarted run with the same work directory resumes exactly from the latest
-checkpoint: parameters, optimiser state, step, random state and the data
+intact checkpoint: parameters, optimiser state, step, random state and the data
 iterator's position. Nothing in the loop forces a host sync except logging,
 validation and checkpointing.
+
+Faults (README "Reliability"): one live run per directory (``WORKDIR/.lock``,
+:mod:`fcn_jax.training.runlock`); damaged checkpoints are moved aside and the
+run resumes from the newest intact one; a full disk stops the run with
+:class:`~fcn_jax.training.checkpointing.CheckpointSpaceError`; an undecodable
+store chunk stops it with a ``DataError`` naming variable, time and chunk; a
+NaN/Inf loss stops it with the step and the time stamps of that step's samples.
+In every case the checkpoints written before the fault are left as they were.
 """
 
 from __future__ import annotations
@@ -31,11 +39,13 @@ from flax import nnx
 
 from fcn_jax import checkpoint as model_ckpt
 from fcn_jax.config import ExperimentConfig, dump_experiment
+from fcn_jax.data.errors import DataError
 from fcn_jax.model.afnonet import build_model, shard_model
 from fcn_jax.parallel.mesh import build_mesh, model_sizes, use_spectral_layout
 from fcn_jax.training import data_feed
 from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
 from fcn_jax.training.optim import make_optimizer
+from fcn_jax.training.runlock import RunLock
 from fcn_jax.training.step import TrainState, init_opt_state, make_train_step
 from fcn_jax.training.validation import Validator
 
@@ -129,8 +139,13 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
     """
     workdir = Path(workdir).resolve()
     primary = jax.process_index() == 0
+    # one live run per directory: refused here, before anything in it is touched
+    with RunLock(workdir, enabled=primary):
+        return _train(cfg, workdir, primary, progress=progress, max_steps=max_steps)
+
+
+def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: bool, max_steps: int | None) -> dict:
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
         _write_config(cfg, workdir)
     tcfg, mcfg = cfg.train, cfg.model
 
@@ -147,9 +162,14 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
         ckpts = RunCheckpoints(workdir / "checkpoints", keep_latest=tcfg.keep_latest, keep_best=tcfg.keep_best)
         meta: dict[str, Any] = {"best_val_loss": None, "best_step": None}
         start = 0
-        latest = ckpts.latest_step()
-        if latest is not None:
-            state, data_state, meta = ckpts.restore(latest, abstract_like(state))
+        try:
+            restored = ckpts.restore_latest(abstract_like(state))  # verified; damaged steps moved aside
+        except BaseException:
+            ckpts.close()
+            feed.close()
+            raise
+        if restored is not None:
+            latest, state, data_state, meta = restored
             feed.set_state(data_state)
             start = int(latest)
             if primary:
@@ -167,19 +187,27 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
         bar = _progress(start, end, enabled=progress and primary)
         t_last, n_last, wait_s = time.perf_counter(), start, 0.0
         last_saved = start
+        losses: list = []  # (step, loss, grad norm) on device since the last finiteness check
+        ok = False
         try:
             with _Preempted() as preempt:
                 step = start
                 while step < end:
                     t0 = time.perf_counter()
-                    batch = feed.next_train()
+                    try:
+                        batch = feed.next_train()
+                    except DataError as e:
+                        raise DataError(f"{e} (reading the batch of step {step + 1}; no checkpoint is written "
+                                        f"after this, the ones in {workdir / 'checkpoints'} are untouched)") from e
                     wait_s += time.perf_counter() - t0
                     state, metrics = step_fn(state, batch)
-                    finite = finite & jnp.isfinite(metrics["loss"])
+                    # the gradients too: a finite loss with NaN gradients would save NaN parameters
+                    finite = finite & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
                     step += 1
+                    losses.append((step, metrics["loss"], metrics["grad_norm"]))
                     record = None
                     if step % tcfg.log_every == 0 or step == end:
-                        _check_finite(finite, step, ckpts, workdir)
+                        _check_finite(finite, losses, ckpts, workdir, feed, cfg)
                         now = time.perf_counter()
                         record = {
                             "step": step,
@@ -201,16 +229,23 @@ def train(cfg: ExperimentConfig, workdir: str | Path, *, progress: bool = True, 
                         if meta.get("best_val_loss") is None or val_loss < meta["best_val_loss"]:
                             meta["best_val_loss"], meta["best_step"] = val_loss, step
                     if step % tcfg.checkpoint_every == 0 or step == end or preempt.requested:
-                        _check_finite(finite, step, ckpts, workdir)
+                        _check_finite(finite, losses, ckpts, workdir, feed, cfg)
                         ckpts.save(step, state, feed.get_state(), _meta(meta, cfg, step), val_loss, force=True)
                         last_saved = step
                     if preempt.requested:
                         summary["preempted"] = True
                         break
             ckpts.wait()
+            ok = True
         finally:
             bar.close()
             logger.close()
+            if not ok:  # a fault: let a save in flight (of good state) commit, then let go of everything
+                try:
+                    ckpts.close()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
+                feed.close()
         summary.update(final_step=int(step), last_saved=last_saved, best_step=meta.get("best_step"),
                        best_val_loss=meta.get("best_val_loss"))
         if step >= tcfg.steps or (max_steps is not None and step == end and not summary.get("preempted")):
@@ -224,15 +259,45 @@ def _meta(meta: dict, cfg: ExperimentConfig, step: int) -> dict:
     return {**meta, "step": step, "experiment": cfg.name, "seed": cfg.train.seed}
 
 
-def _check_finite(finite, step, ckpts: RunCheckpoints, workdir: Path) -> None:
-    if not bool(finite):
-        ckpts.wait()
-        last = ckpts.latest_step()
-        raise NonFiniteLossError(
-            f"the training loss became NaN or Inf by step {step}; stopping without saving. "
-            f"The last good checkpoint is step {last} in {workdir / 'checkpoints'}. "
-            "Lower train.lr, enable train.grad_clip, or check the data for bad values."
-        )
+def _check_finite(finite, losses: list, ckpts: RunCheckpoints, workdir: Path, feed, cfg: ExperimentConfig) -> None:
+    """Raise NonFiniteLossError naming the first step with a non-finite loss or gradient and its samples'
+    time stamps; else forget ``losses``."""
+    if bool(finite):
+        losses.clear()
+        return
+    values = np.asarray(jnp.stack([jnp.stack([l, g]) for _, l, g in losses]))  # [n, (loss, grad norm)]
+    bad = int(np.argmax(~np.isfinite(values).all(axis=1)))
+    step = losses[bad][0]
+    ckpts.wait()
+    last = ckpts.last_intact_step()
+    good = (f"The last good checkpoint is step {last} (verified) in {workdir / 'checkpoints'}"
+            if last is not None else f"There is no intact checkpoint in {workdir / 'checkpoints'}")
+    raise NonFiniteLossError(
+        f"the training loss became NaN or Inf by step {step}: the first non-finite step (loss {values[bad, 0]}, "
+        f"gradient norm {values[bad, 1]}); stopping without saving. "
+        f"The samples of step {step} are the windows starting at {_batch_times(feed, cfg, step)}. {good}. "
+        "Lower train.lr, enable train.grad_clip, or check the data for bad values at those times."
+    )
+
+
+def _batch_times(feed, cfg: ExperimentConfig, step: int) -> str:
+    """Time stamps (first step of each window) of the global batch that step ``step`` (1-based) trained on.
+
+    Every step consumes one global batch of the seeded, shuffled stream of
+    windows (resume restores the position), so step ``s`` read batch ``s - 1``;
+    its window indices come from the same grain index pipeline as
+    ``make_train_iterator`` builds (shuffle with the seed, repeat, batch).
+    """
+    import grain
+
+    try:
+        src = feed.train_it.source
+        ds = grain.MapDataset.range(len(src)).seed(cfg.train.seed).shuffle().repeat(None)
+        idx = ds.batch(cfg.train.batch_size, drop_remainder=True)[step - 1]
+        times = sorted({str(np.datetime_as_string(src.window_times(int(i))[0], unit="h")) for i in idx})
+        return "[" + ", ".join(times) + "]"
+    except Exception as e:  # noqa: BLE001 - never let the report hide the NaN
+        return f"(unknown: {e})"
 
 
 def _write_config(cfg: ExperimentConfig, workdir: Path) -> None:
@@ -273,8 +338,11 @@ def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: 
     model_ckpt.save_model(workdir / "model_final", model, overwrite=True, extra={"step": int(state.step)})
     best = ckpts.best_step()
     if best is not None and best != int(state.step):
-        restored, _, _ = ckpts.restore(best, abstract_like(state))
-        model = nnx.merge(graphdef, restored.params)
+        # only a step that verifies is exported; a damaged best is moved aside and the next best taken
+        found = ckpts.best_intact(abstract_like(state))
+        best = found[0] if found else None
+        if found and best != int(state.step):
+            model = nnx.merge(graphdef, found[1].params)
     model_ckpt.save_model(workdir / "model_best", model, overwrite=True,
                           extra={"step": int(best if best is not None else state.step)})
 
