@@ -95,7 +95,8 @@ def synthetic_source(times: np.ndarray, channels, lat: np.ndarray, lon: np.ndarr
     fraction of each channel's spread (deterministic per time step), which
     makes compression behave more like real data.
     """
-    from fcn_jax.data.readers.common import Piece, assemble
+    from fcn_jax.data.readers.pieces import Piece
+    from fcn_jax.data.readers.source import assemble
 
     chans = resolve_channels(channels) if not (channels and isinstance(channels[0], Channel)) else list(channels)
     times = np.asarray(times).astype("datetime64[ns]")

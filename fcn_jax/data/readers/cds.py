@@ -27,7 +27,9 @@ import xarray as xr
 
 from fcn_jax.data.channels import Channel
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.readers.common import CanonicalSource, assemble, collect_pieces, standardize
+from fcn_jax.data.readers.grid import standardize
+from fcn_jax.data.readers.pieces import collect_pieces
+from fcn_jax.data.readers.source import CanonicalSource, assemble
 
 
 def open_netcdf(path: str) -> xr.Dataset:

@@ -21,7 +21,8 @@ import numpy as np
 
 from fcn_jax.data.channels import Channel
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.readers.common import HDF5_LOCK, CanonicalSource, Piece, assemble
+from fcn_jax.data.readers.pieces import HDF5_LOCK, Piece
+from fcn_jax.data.readers.source import CanonicalSource, assemble
 
 _YEAR = re.compile(r"(\d{4})")
 
