@@ -26,13 +26,21 @@ class ChannelMoments:
         self.m2 = np.zeros(n_channels, np.float64)
 
     def update(self, x: np.ndarray) -> None:
-        """x: [time, channel, lat, lon]."""
+        """x: [time, channel, lat, lon].
+
+        Sums run in float64 through NumPy's buffered casting (no float64 copy
+        of the block); the squares are of deviations from the block mean
+        rounded to float32, ``K``, corrected exactly by ``n (mean - K)**2``, so
+        there is no cancellation.
+        """
         if x.shape[0] == 0:
             return
-        xb = x.astype(np.float64)
         nb = x.shape[0] * x.shape[2] * x.shape[3]
-        mb = xb.mean(axis=(0, 2, 3))
-        m2b = ((xb - mb[None, :, None, None]) ** 2).sum(axis=(0, 2, 3))
+        mb = x.sum(axis=(0, 2, 3), dtype=np.float64) / nb
+        k = mb.astype(x.dtype)
+        d = x - k[None, :, None, None]
+        np.multiply(d, d, out=d)
+        m2b = d.sum(axis=(0, 2, 3), dtype=np.float64) - nb * (mb - k.astype(np.float64)) ** 2
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * (nb / n)
