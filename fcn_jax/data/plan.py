@@ -80,12 +80,19 @@ class PreparePlan:
         return self.peak_bytes - written
 
     @property
+    def clim_io_bytes(self) -> int:
+        """Climatology I/O: each statistics step reads and rewrites its slot (2 x the step), then the
+        smoothing reads the scratch and writes the output once."""
+        if self.climatology != "doy-hour":
+            return 2 * self.clim_bytes if self.climatology == "import" else 0
+        step = self.fields_bytes // max(self.shape[0], 1)
+        return 2 * step * self.stats_steps + self.clim_scratch_bytes + self.clim_bytes
+
+    @property
     def estimate_seconds(self) -> float:
-        """Read the source once, write the store once, the climatology scratch twice (read + write)."""
+        """Read the source once and write the store once (what remains of it), plus the climatology I/O."""
         f = self.remaining_fraction
-        io = 2 * self.fields_bytes * f + (2 * self.clim_scratch_bytes * f if self.climatology == "doy-hour" else 0)
-        io += 2 * self.clim_bytes
-        return io / NOMINAL_BYTES_PER_S
+        return (2 * self.fields_bytes * f + self.clim_io_bytes) / NOMINAL_BYTES_PER_S
 
     def format(self) -> str:
         t, c, h, w = self.shape
