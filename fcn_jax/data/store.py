@@ -10,7 +10,8 @@ variable              dims                                    meaning
                                                               ``stats_years`` (normalisation)
 ``time_mean``         (channel, lat, lon) float32             time-mean climatology (FourCastNet ACC)
 ``clim_doy_hour``     (dayofyear, hour, channel, lat, lon)    day-of-year x hour climatology, smoothed
-                      float32                                 by a ``clim_window_days`` triangle
+                      float32 (optional)                      by a ``clim_window_days`` triangle (or
+                                                              imported); chunks of latitude bands
 ====================  ======================================  =========================================
 
 Coordinates: ``time`` (datetime64), ``channel`` (names), ``channel_units``,
