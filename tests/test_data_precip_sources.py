@@ -59,3 +59,14 @@ def test_original_precip_hdf5_files(tmp_path):
     ds2 = open_store(out2)
     np.testing.assert_array_equal(ds2["time"].values, S.six_hourly("2000-01-01T00", 4))
     np.testing.assert_allclose(ds2["fields"].sel(channel="tp").values, tp2)
+
+
+def test_hourly_tp_without_a_complete_window_is_an_error(tmp_path):
+    import pytest
+
+    from fcn_jax.data.errors import DataError
+
+    hours = np.datetime64("2010-03-01T01", "ns") + np.arange(4) * np.timedelta64(1, "h")  # 01..04: no 6 h window
+    files = S.write_cds(tmp_path / "src", hours, ["tp"], LAT, LON, values=np.zeros((4, 1, 5, 8), np.float32))
+    with pytest.raises(DataError, match="channel tp: no 6-hour window complete"):
+        prepare(files, tmp_path / "s.zarr", channels=["tp"], progress=False)
