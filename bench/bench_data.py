@@ -183,7 +183,8 @@ def bench_prepare(days: int, formats: list[str], root: str | None, compression: 
         t = time.perf_counter()
         srcs = _write_sources(tmp, days, formats)
         print(f"wrote {days} day(s) of synthetic 0.25-degree sources in {time.perf_counter() - t:.0f} s", flush=True)
-        for fmt in formats:
+        variants = [(f, False) for f in formats] + [(f, True) for f in formats if f in ("cds", "hdf5")]
+        for fmt, procs in variants:
             files = srcs[fmt]
             raw = _raw_read(files)
             _drop_cache(files)
@@ -191,17 +192,19 @@ def bench_prepare(days: int, formats: list[str], root: str | None, compression: 
             rep: dict = {}
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
-            prepare(files, out, kind=fmt, compression=compression, progress=False, report=rep)
+            prepare(files, out, kind=fmt, compression=compression, progress=False, report=rep,
+                    reader_processes=procs)
             wall = time.perf_counter() - t
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
             steps = 4 * days
             data = steps * 20 * 721 * 1440 * 4
-            rows.append(dict(format=fmt, source_bytes=_du(files), raw_mb_s=raw / 1e6, wall=wall, cpu=cpu,
+            label = f"{fmt} (4 reader processes)" if procs else f"{fmt} (4 reader threads)"
+            rows.append(dict(format=label, source_bytes=_du(files), raw_mb_s=raw / 1e6, wall=wall, cpu=cpu,
                              mb_s=data / wall / 1e6, ingest_mb_s=rep.get("mb_per_s", float("nan")),
                              store_bytes=_du([out]), steps=steps, data_bytes=data))
             r = rows[-1]
-            print(f"  {fmt:5s}: source {r['source_bytes'] / 2**30:.2f} GiB (raw read {r['raw_mb_s']:.0f} MB/s); "
+            print(f"  {label}: source {r['source_bytes'] / 2**30:.2f} GiB (raw read {r['raw_mb_s']:.0f} MB/s); "
                   f"prepare {wall:.1f} s = {r['mb_s']:.0f} MB/s of fields (ingest {r['ingest_mb_s']:.0f} MB/s; "
                   f"{cpu:.1f} CPU-s = {data / cpu / 1e6:.0f} MB per CPU-s); "
                   f"store {r['store_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -230,7 +233,7 @@ def bench_prepare(days: int, formats: list[str], root: str | None, compression: 
         clim_io = plan.clim_io_bytes  # slot read + rewrite per statistics step, then the smoothing pass
         t = per_step_s * STEPS_1979_2018 + clim_io / (r["raw_mb_s"] * 1e6)
         cpu_h = r["cpu"] / r["steps"] * STEPS_1979_2018 / 3600
-        print(f"  from {r['format']:5s}: ~{t / 3600:.0f} h wall as measured here ({per_step_s:.2f} s/step + climatology "
+        print(f"  from {r['format']}: ~{t / 3600:.0f} h wall as measured here ({per_step_s:.2f} s/step + climatology "
               f"I/O {clim_io / 1e12:.1f} TB at the raw disk rate); {cpu_h:.0f} CPU-hours for the fields; "
               f"store ~{store / 1e12:.2f} TB")
     return rows

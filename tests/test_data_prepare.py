@@ -163,3 +163,12 @@ def test_sigkill_then_resume_writes_identical_store(one_year, tmp_path):
     assert a.keys() == b.keys()
     diff = [k for k in a if a[k] != b[k]]
     assert not diff, f"files differ after resume: {diff[:5]}"
+
+
+def test_reader_processes_write_the_same_store(one_year, tmp_path):
+    files, _ = one_year
+    kw = dict(channels=CH, years="2003", block_steps=64, progress=False)
+    a = prepare(files, tmp_path / "threads.zarr", readers=2, **kw)
+    b = prepare(files, tmp_path / "procs.zarr", readers=2, reader_processes=True, **kw)
+    ta, tb = _tree(a), _tree(b)
+    assert ta.keys() == tb.keys() and all(ta[k] == tb[k] for k in ta)

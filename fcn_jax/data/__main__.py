@@ -20,7 +20,8 @@ def _prepare(args: argparse.Namespace) -> None:
                   kind=args.kind, drop_south_pole=args.drop_south_pole, allow_gaps=args.allow_gaps,
                   climatology=clim, clim_window_days=args.clim_window_days,
                   overwrite=args.overwrite, lat_chunks=args.lat_chunks, compression=args.compression,
-                  progress=not args.quiet, hdf5_layout=layout, readers=args.readers, dry_run=args.dry_run,
+                  progress=not args.quiet, hdf5_layout=layout, readers=args.readers,
+                  reader_processes=args.reader_processes, dry_run=args.dry_run,
                   log=lambda s: print(s, flush=True))
     if not args.dry_run:
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                         "mean), time-mean, doy-hour, or the path/URL of a WeatherBench 2 climatology zarr "
                         "to import (regridded if needed)")
     p.add_argument("--no-doy-clim", action="store_true", help="same as --climatology time-mean")
-    p.add_argument("--readers", type=int, default=4, help="reader threads (default 4)")
+    p.add_argument("--readers", type=int, default=4, help="reader threads or processes (default 4)")
+    p.add_argument("--reader-processes", action="store_true",
+                   help="read in processes (parallel netCDF/HDF5 decompression) rather than threads")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--clim-window-days", type=int, default=61, help="odd triangular window width (default 61)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store once the new one is done")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import os
@@ -194,7 +195,8 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
             allow_gaps: bool = False, climatology: str = "auto", doy_climatology: bool | None = None,
             clim_window_days: int = 61, overwrite: bool = False, lat_chunks: int = 1, compression: str = "lz4",
             progress: bool = True, hdf5_layout: Sequence[str | None] | None = None,
-            clim_memory_bytes: int = 1 << 30, readers: int = 4, block_steps: int | None = None,
+            clim_memory_bytes: int = 1 << 30, readers: int = 4, reader_processes: bool = False,
+            block_steps: int | None = None,
             dry_run: bool = False, report: dict | None = None,
             log: Callable[[str], None] | None = None) -> Path | PreparePlan:
     """Prepare a training store from source files (see the module docstring).
@@ -220,7 +222,11 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
       lat_chunks: latitude bands per ``fields`` chunk (1 = whole field).
       compression: ``lz4`` (blosc), ``zstd`` (blosc) or ``none``.
       clim_memory_bytes: memory for smoothing the climatology (sets its band height).
-      readers: threads reading blocks ahead of the writer.
+      readers: threads (or processes) reading blocks ahead of the writer.
+      reader_processes: read in ``readers`` spawned processes, each opening the
+        sources itself: netCDF/HDF5 decompression then runs in parallel
+        (libhdf5 is serialised by a lock within a process). Not for an
+        in-memory CanonicalSource (threads are used, with a message).
       block_steps: time steps per block (default: ~256 MB blocks, at most 64 steps).
       dry_run: print and return the :class:`~fcn_jax.data.plan.PreparePlan` only.
       report: filled with throughput numbers (bytes read, seconds, MB/s).
@@ -239,13 +245,17 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
     out = Path(out)
     years_l = parse_years(years)
     stats_l = parse_years(stats_years)
+    recipe = None
     if isinstance(sources, CanonicalSource):
         src = sources
         if channels is not None and [c.name for c in resolve_channels(channels)] != src.channel_names:
             raise DataError(f"channels {channels} differ from the source's {src.channel_names}")
     else:
         chans = resolve_channels("fcn20" if channels is None else channels)
-        src = open_source(sources, chans, kind=kind, allow_gaps=allow_gaps, hdf5_layout=hdf5_layout)
+        recipe = _Recipe([str(p) for p in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
+                         [c.name for c in chans], kind, allow_gaps, list(hdf5_layout) if hdf5_layout else None,
+                         years_l, drop_south_pole)
+        src = open_source(recipe.sources, chans, kind=kind, allow_gaps=allow_gaps, hdf5_layout=hdf5_layout)
     n_lat_source = len(src.lat)
     src = select_years(src, years_l)
     kept_years = sorted(set(_years_of(src.times).tolist()))
@@ -310,6 +320,8 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
             log(f"removing {stale} (left by an interrupted prepare with other arguments)")
             shutil.rmtree(stale, ignore_errors=True)
 
+    if reader_processes and recipe is None:
+        log("reader processes need source files to reopen; reading an in-memory source with threads")
     out.parent.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -317,7 +329,9 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
              stats_mask=stats_mask, stats_years=stats_l, kept_years=kept_years, n_lat_source=n_lat_source,
              drop_south_pole=drop_south_pole, clim_window_days=clim_window_days, lat_chunks=lat_chunks,
              compression=compression, progress=progress, clim_memory_bytes=clim_memory_bytes,
-             readers=readers, block_steps=block_steps, report=report, log=log)
+             readers=readers, block_steps=block_steps, report=report, log=log,
+             recipe=recipe if reader_processes else None)
+
     except DataError:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -385,9 +399,41 @@ def _timed_read(src: CanonicalSource, t0: int, t1: int):
     return x, time.perf_counter() - t
 
 
+
+@dataclasses.dataclass(frozen=True)
+class _Recipe:
+    """How to open the source again in a reader process (picklable)."""
+
+    sources: list
+    channels: list
+    kind: str
+    allow_gaps: bool
+    hdf5_layout: list | None
+    years: list | None
+    drop_south_pole: bool
+
+    def open(self) -> CanonicalSource:
+        src = open_source(self.sources, self.channels, kind=self.kind, allow_gaps=self.allow_gaps,
+                          hdf5_layout=self.hdf5_layout)
+        src = select_years(src, self.years)
+        return src.drop_last_lat_row() if self.drop_south_pole else src
+
+
+_WORKER_SOURCE: CanonicalSource | None = None
+
+
+def _worker_open(recipe: _Recipe) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = recipe.open()
+
+
+def _worker_read(t0: int, t1: int):
+    return _timed_read(_WORKER_SOURCE, t0, t1)
+
+
 def _run(src: CanonicalSource, tmp: Path, work: Path, journal: _Journal, *, mode, clim_path, reason, hours,
          stats_mask, stats_years, kept_years, n_lat_source, drop_south_pole, clim_window_days, lat_chunks,
-         compression, progress, clim_memory_bytes, readers, block_steps, report, log) -> None:
+         compression, progress, clim_memory_bytes, readers, block_steps, report, log, recipe=None) -> None:
     import zarr
     from tqdm.auto import tqdm
 
@@ -412,20 +458,29 @@ def _run(src: CanonicalSource, tmp: Path, work: Path, journal: _Journal, *, mode
         starts = list(range(journal.next_t, T, bs))
         n_read, t_read, since = 0, 0.0, 0
         wall = time.perf_counter()
-        with cf.ThreadPoolExecutor(max(1, readers)) as pool, \
+        if recipe is not None:
+            import multiprocessing
+
+            pool_cm = cf.ProcessPoolExecutor(max(1, readers), mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_open, initargs=(recipe,))
+            read_fn, read_args = _worker_read, ()
+        else:
+            pool_cm = cf.ThreadPoolExecutor(max(1, readers))
+            read_fn, read_args = _timed_read, (src,)
+        with pool_cm as pool, \
                 tqdm(total=T, initial=journal.next_t, desc=f"prepare {name}", unit="step",
                      disable=not progress, leave=False) as bar:
             pending = collections.deque()
             it = iter(starts)
             for t0 in it:
-                pending.append((t0, pool.submit(_timed_read, src, t0, min(T, t0 + bs))))
+                pending.append((t0, pool.submit(read_fn, *read_args, t0, min(T, t0 + bs))))
                 if len(pending) >= max(1, readers):
                     break
             while pending:
                 t0, fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append((nxt, pool.submit(_timed_read, src, nxt, min(T, nxt + bs))))
+                    pending.append((nxt, pool.submit(read_fn, *read_args, nxt, min(T, nxt + bs))))
                 x, dt = fut.result()
                 t1 = t0 + x.shape[0]
                 n_read += x.nbytes
@@ -449,7 +504,8 @@ def _run(src: CanonicalSource, tmp: Path, work: Path, journal: _Journal, *, mode
         wall = time.perf_counter() - wall
         kind = str(src.attrs.get("source_kind", "source"))
         msg = (f"read {human(n_read)} of {kind} in {wall:.1f} s: {n_read / max(wall, 1e-9) / 1e6:.1f} MB/s "
-               f"overall ({n_read / max(t_read, 1e-9) / 1e6:.1f} MB/s per reader thread, {readers} threads)")
+               f"overall ({n_read / max(t_read, 1e-9) / 1e6:.1f} MB/s per reader, {readers} reader "
+               f"{'processes' if recipe is not None else 'threads'})")
         log(msg)
         if report is not None:
             report.update(source_kind=kind, bytes=n_read, seconds=wall, mb_per_s=n_read / max(wall, 1e-9) / 1e6,
