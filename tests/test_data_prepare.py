@@ -172,3 +172,37 @@ def test_reader_processes_write_the_same_store(one_year, tmp_path):
     b = prepare(files, tmp_path / "procs.zarr", readers=2, reader_processes=True, **kw)
     ta, tb = _tree(a), _tree(b)
     assert ta.keys() == tb.keys() and all(ta[k] == tb[k] for k in ta)
+
+
+_CHILD_FINALIZE = textwrap.dedent("""
+    import os, signal, sys
+    import fcn_jax.data.climatology as C
+    import fcn_jax.data.prepare as P
+    real, calls = C.smooth_band, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # mid-way through the climatology's bands
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    C.smooth_band = dying
+    files, out = sys.argv[1].split(","), sys.argv[2]
+    P.prepare(files, out, channels=["t850", "u10"], climatology="doy-hour", clim_window_days=15,
+              block_steps=64, clim_memory_bytes=0, progress=False)
+""")
+
+
+def test_sigkill_in_the_climatology_pass_then_resume(one_year, tmp_path):
+    files, _ = one_year
+    kw = dict(channels=CH, climatology="doy-hour", clim_window_days=15, block_steps=64, clim_memory_bytes=0,
+              progress=False)
+    clean = prepare(files, tmp_path / "clean" / "s.zarr", **kw)
+    out = tmp_path / "killed" / "s.zarr"
+    out.parent.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _CHILD_FINALIZE, ",".join(files), str(out)], env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL and not out.exists()
+    (journal,) = out.parent.glob(".s.zarr.work-*/journal.json")
+    assert json.loads(journal.read_text())["phase"] == "finalize"
+    prepare(files, out, **kw)
+    a, b = _tree(clean), _tree(out)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)

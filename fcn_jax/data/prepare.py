@@ -540,6 +540,7 @@ def _run(src: CanonicalSource, tmp: Path, work: Path, journal: _Journal, *, mode
             coords={"dayofyear": np.arange(1, N_DOY + 1), "hour": np.asarray(hours, np.int64),
                     "channel": src.channel_names},
         )
+        shutil.rmtree(tmp / "clim_doy_hour", ignore_errors=True)  # an interrupted earlier finalize: redo it
         cds.to_zarr(tmp, mode="a", compute=False, zarr_format=2, consolidated=False,
                     encoding={"clim_doy_hour": {"chunks": (1, 1, C, rows, W),
                                                 "compressors": _compressors(compression)}})
