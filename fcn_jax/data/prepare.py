@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -400,6 +401,18 @@ def _timed_read(src: CanonicalSource, t0: int, t1: int):
 
 
 
+
+_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _remove_zarr_temps(store: Path) -> None:
+    """Drop the temporary files zarr writes a chunk to before renaming it (a kill can leave one)."""
+    for root, _, files in os.walk(store):
+        for f in files:
+            if _ZARR_TEMP.search(f):
+                os.unlink(os.path.join(root, f))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Recipe:
     """How to open the source again in a reader process (picklable)."""
@@ -444,8 +457,10 @@ def _run(src: CanonicalSource, tmp: Path, work: Path, journal: _Journal, *, mode
     if journal.phase == "new":
         _create_skeleton(src, tmp, attrs, lat_chunks, compression)
         journal.save(phase="ingest", next_t=0)
-    elif journal.next_t:
-        log(f"resuming {tmp.name}: {journal.next_t}/{T} steps done")
+    else:
+        _remove_zarr_temps(tmp)
+        if journal.next_t:
+            log(f"resuming {tmp.name}: {journal.next_t}/{T} steps done")
     moments, tmean = ChannelMoments(C), TimeMean((C, H, W))
     journal.restore(moments, tmean)
     acc = clim_mod.SlotAccumulator(work / "clim", (C, H, W), hours) if mode == "doy-hour" else None
