@@ -193,6 +193,7 @@ _CHILD_FINALIZE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_in_the_climatology_pass_then_resume(one_year, tmp_path):
     files, _ = one_year
     kw = dict(channels=CH, climatology="doy-hour", clim_window_days=15, block_steps=64, clim_memory_bytes=0,
