@@ -49,7 +49,7 @@ def _triangular_clim(x, times, window, fallback):
 def test_stats_and_climatologies_match_numpy(two_years, tmp_path):
     _, files, times, x = two_years
     out = prepare(files, tmp_path / "s.zarr", channels=CH, stats_years=[2003, 2004], clim_window_days=9,
-                  progress=False)
+                  climatology="doy-hour", progress=False)
     ds = open_store(out)
     assert ds.attrs["stats_years"] == "[2003, 2004]"
     np.testing.assert_array_equal(ds["fields"].values, x)
@@ -65,17 +65,20 @@ def test_stats_and_climatologies_match_numpy(two_years, tmp_path):
     clim = ds["clim_doy_hour"].values
     assert clim.shape == (366, 4, 3, 4, 6) and np.all(np.abs(clim).max(axis=(2, 3, 4)) > 0)  # never all-zero
     ref = _triangular_clim(xs, times[sel], 9, xs.mean(axis=0))
-    np.testing.assert_allclose(clim, ref, rtol=1e-5)
+    # slot means are kept in float32: errors of float32 rounding of the channel's magnitude
+    scale = np.abs(xs).max(axis=(0, 2, 3))[None, None, :, None, None]
+    assert np.all(np.abs(clim - ref) <= 1e-5 * np.abs(ref) + 1e-6 * scale)
     # lookup by time
     t = times[[5, 700]]
     got = climatology_at(ds, t).values
     doy, hour = day_of_year_and_hour(t)
-    np.testing.assert_allclose(got, ref[doy - 1, hour // 6], rtol=1e-5)
+    np.testing.assert_allclose(got, ref[doy - 1, hour // 6], rtol=1e-5, atol=1e-6 * float(scale.max()))
 
 
 def test_unsmoothed_climatology(two_years, tmp_path):
     _, files, times, x = two_years
-    a = open_store(prepare(files, tmp_path / "a.zarr", channels=CH, clim_window_days=1, progress=False))
+    a = open_store(prepare(files, tmp_path / "a.zarr", channels=CH, clim_window_days=1, climatology="doy-hour",
+                               progress=False))
     # window 1: the plain mean of each (day-of-year, hour) slot
     doy, hour = day_of_year_and_hour(times)
     for d, h in [(152, 0), (1, 18), (60, 6), (366, 12)]:
@@ -85,11 +88,12 @@ def test_unsmoothed_climatology(two_years, tmp_path):
     assert a.attrs["clim_filled_slots"] == 0  # 2004 is a leap year: all 366 x 4 slots have data
 
 
-def test_climatology_scratch_storage_matches_memory(two_years, tmp_path):
+def test_climatology_bands_match_whole_field(two_years, tmp_path):
     _, files, _, _ = two_years
-    kw = dict(channels=["u10"], years="2003", clim_window_days=15, progress=False)
+    kw = dict(channels=["u10"], years="2003", clim_window_days=15, climatology="doy-hour", progress=False)
     a = open_store(prepare(files, tmp_path / "a.zarr", **kw))
-    b = open_store(prepare(files, tmp_path / "b.zarr", clim_memory_bytes=0, **kw))  # zarr scratch path
+    b = open_store(prepare(files, tmp_path / "b.zarr", clim_memory_bytes=0, **kw))  # one-row bands
+    assert b["clim_doy_hour"].encoding["chunks"] == (1, 1, 1, 1, 6)
     np.testing.assert_array_equal(a["clim_doy_hour"].values, b["clim_doy_hour"].values)
     assert a.attrs["clim_filled_slots"] > 0  # Jan-May have no 2003 data: filled with the time mean
     np.testing.assert_array_equal(a["clim_doy_hour"].sel(dayofyear=60, hour=0).values, a["time_mean"].values)

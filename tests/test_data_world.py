@@ -10,8 +10,8 @@ from fcn_jax.data import synthetic as S
 from fcn_jax.data.__main__ import main
 from fcn_jax.data.channels import WORLD, get_channel
 from fcn_jax.data.store import prepare
-from fcn_jax.data.world import (DEFAULT_DAYS, WORLD_STORE_CHANNELS, WorldSpec, persistence_skill, world_splits,
-                                world_store)
+from fcn_jax.data.catalog import world_store
+from fcn_jax.data.world import DEFAULT_DAYS, WORLD_STORE_CHANNELS, WorldSpec, persistence_skill, world_splits
 
 
 def test_splits():
@@ -37,6 +37,26 @@ def test_cli_prepare_and_error_exit(tmp_path, capsys):
     assert list(xr.open_zarr(tmp_path / "s.zarr")["channel"].values) == ["u10", "z500"]
     assert main(["prepare", *files, "--out", str(tmp_path / "t.zarr"), "--channels", "t850", "--quiet"]) == 2
     assert "error: channel t850" in capsys.readouterr().err
+
+
+def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
+    lat, lon = S.grid(4, 8)
+    files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 8), ["z500"], lat, lon)
+    assert main(["prepare", *files, "--out", str(tmp_path / "s.zarr"), "--channels", "z500", "--dry-run",
+                 "--climatology", "doy-hour"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for" in out and "clim_doy_hour [366, 4, 1, 4, 8]" in out and "estimated time" in out
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_no_import_cycle_world_generates_only():
+    import subprocess
+    import sys
+
+    code = ("import sys, fcn_jax.data.world, fcn_jax.data.store; "
+            "m = sys.modules; assert 'fcn_jax.data.catalog' not in m and 'fcn_jax.data.prepare' not in m; "
+            "import fcn_jax.data.world as w; assert not hasattr(w, 'prepare') and not hasattr(w, 'open_store')")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_persistence_skill_metric(tmp_path):

@@ -5,14 +5,22 @@ Public API (imported lazily, so ``import fcn_jax.data`` stays cheap)::
     from fcn_jax.data import (
         resolve_channels, CHANNEL_SETS, FCN_20, WORLD,          # channels
         open_source,                                             # readers
-        prepare, open_store, store_stats, climatology_at,        # store
-        resolve_store,                                           # "world" or a path
-        world_store, world_splits, WorldSpec,                    # embedded world
+        prepare, PreparePlan,                                    # writing a store (prepare.py, plan.py)
+        open_store, store_stats, climatology_at, StoreInfo,      # reading a store (store.py)
+        resolve_store, world_store,                              # store names -> paths (catalog.py)
+        world_splits, WorldSpec, generate_world,                 # the embedded world (world.py)
         WindowSource, make_train_iterator, Normalizer,           # pipeline
         DataError,
     )
 
-Command line: ``python -m fcn_jax.data {prepare,world} --help``.
+Modules, each one job: ``channels`` (catalogue), ``readers/`` (units, grid,
+time axis, pieces, canonical source, hourly accumulation, one module per
+format), ``climatology`` (choice, accumulation, import), ``plan`` (sizes and
+disk check), ``prepare`` (writing, resumable), ``store`` (reading),
+``catalog`` (store names; the only module above both ``world`` and the store),
+``world`` (generation), ``pipeline`` (training windows).
+
+Command line: ``python -m fcn_jax.data {prepare,world,info} --help``.
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ from fcn_jax.data.errors import DataError
 _LAZY = {
     "open_source": "fcn_jax.data.readers",
     "CanonicalSource": "fcn_jax.data.readers",
-    "prepare": "fcn_jax.data.store",
+    "prepare": "fcn_jax.data.prepare",
+    "StoreInfo": "fcn_jax.data.store",
     "open_store": "fcn_jax.data.store",
     "store_stats": "fcn_jax.data.store",
     "climatology_at": "fcn_jax.data.store",
     "parse_years": "fcn_jax.data.store",
-    "resolve_store": "fcn_jax.data.store",
-    "world_store": "fcn_jax.data.world",
+    "PreparePlan": "fcn_jax.data.plan",
+    "resolve_store": "fcn_jax.data.catalog",
+    "world_store": "fcn_jax.data.catalog",
     "world_splits": "fcn_jax.data.world",
     "generate_world": "fcn_jax.data.world",
     "WorldSpec": "fcn_jax.data.world",

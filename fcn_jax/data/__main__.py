@@ -14,17 +14,22 @@ def _prepare(args: argparse.Namespace) -> None:
     layout = None
     if args.hdf5_layout:
         layout = [None if n in ("-", "") else n for n in args.hdf5_layout.split(",")]
+    clim = "time-mean" if args.no_doy_clim else args.climatology
     t0 = time.perf_counter()
     out = prepare(args.sources, args.out, channels=args.channels, years=args.years, stats_years=args.stats_years,
                   kind=args.kind, drop_south_pole=args.drop_south_pole, allow_gaps=args.allow_gaps,
-                  doy_climatology=not args.no_doy_clim, clim_window_days=args.clim_window_days,
+                  climatology=clim, clim_window_days=args.clim_window_days,
                   overwrite=args.overwrite, lat_chunks=args.lat_chunks, compression=args.compression,
-                  progress=not args.quiet, hdf5_layout=layout)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+                  progress=not args.quiet, hdf5_layout=layout, readers=args.readers,
+                  reader_processes=args.reader_processes, dry_run=args.dry_run,
+                  log=lambda s: print(s, flush=True))
+    if not args.dry_run:
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
 def _world(args: argparse.Namespace) -> None:
-    from fcn_jax.data.world import WorldSpec, world_store
+    from fcn_jax.data.catalog import world_store
+    from fcn_jax.data.world import WorldSpec
 
     spec = WorldSpec(seed=args.seed, days=args.days, spinup_days=args.spinup_days)
     t0 = time.perf_counter()
@@ -54,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="prepare a training store from ERA5 sources",
                        description="Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, or FourCastNet "
                                    "HDF5 year files and write a zarr training store with fields[time, channel, "
-                                   "lat, lon], per-channel mean/std, time-mean and day-of-year x hour "
-                                   "climatologies. Written to a temporary path and renamed when complete.")
+                                   "lat, lon], per-channel mean/std and climatologies. Prints a plan (sizes, "
+                                   "time) first and refuses when the disk is too small. Resumable: a run "
+                                   "killed at any point continues from its last commit when started again "
+                                   "with the same arguments. Sources may be fsspec URLs (gs://, s3://, "
+                                   "https://) of zarr stores.")
     p.add_argument("sources", nargs="+", help="source files / zarr stores / directories (one format)")
     p.add_argument("--out", required=True, help="store path to write (e.g. era5.zarr)")
     p.add_argument("--channels", default="fcn20",
@@ -65,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="auto", choices=["auto", "cds", "wb2", "hdf5"], help="source format")
     p.add_argument("--drop-south-pole", action="store_true", help="drop the -90 row (721 -> 720 rows)")
     p.add_argument("--allow-gaps", action="store_true", help="accept gaps in the source time axis")
-    p.add_argument("--no-doy-clim", action="store_true", help="skip the day-of-year x hour climatology")
+    p.add_argument("--climatology", default="auto",
+                   help="auto (day-of-year x hour only when the statistics span >= 3 years, else the time "
+                        "mean), time-mean, doy-hour, or the path/URL of a WeatherBench 2 climatology zarr "
+                        "to import (regridded if needed)")
+    p.add_argument("--no-doy-clim", action="store_true", help="same as --climatology time-mean")
+    p.add_argument("--readers", type=int, default=4, help="reader threads or processes (default 4)")
+    p.add_argument("--reader-processes", action="store_true",
+                   help="read in processes (parallel netCDF/HDF5 decompression) rather than threads")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--clim-window-days", type=int, default=61, help="odd triangular window width (default 61)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store once the new one is done")
     p.add_argument("--lat-chunks", type=int, default=1, help="latitude bands per chunk (default 1: whole field)")

@@ -73,17 +73,15 @@ class WindowSource:
     """
 
     def __init__(self, store: str | os.PathLike, channels=None, rollout_steps: int = 1, years=None,
-                 time_range: tuple[Any, Any] | None = None, stride: int = 1):
-        from fcn_jax.data.channels import resolve_channels
-        from fcn_jax.data.store import open_store, parse_years
+                 time_range: tuple[Any, Any] | None = None, stride: int = 1, info=None):
+        from fcn_jax.data.store import StoreInfo, parse_years
 
         self.store = str(store)
-        ds = open_store(self.store)
-        names = [str(c) for c in ds["channel"].values]
-        want = names if channels is None else [c.name for c in resolve_channels(channels)]
-        missing = [c for c in want if c not in names]
-        if missing:
-            raise DataError(f"{self.store}: channels {missing} not in the store; it has {names}")
+        # one description of the store (pass ``info`` to share it; else read here)
+        self.info = info if info is not None else StoreInfo.read(self.store)
+        names = list(self.info.channels)
+        self.channel_index = self.info.index_of(channels)
+        want = [names[i] for i in self.channel_index]
         if rollout_steps < 0:
             raise DataError(f"rollout_steps must be >= 0, got {rollout_steps}")
         self.channels = want
@@ -91,13 +89,12 @@ class WindowSource:
             raise DataError(f"stride must be >= 1, got {stride}")
         self.rollout_steps = int(rollout_steps)
         self.stride = int(stride)
-        self.channel_index = np.asarray([names.index(c) for c in want], np.int64)
         self._all_channels = bool(np.array_equal(self.channel_index, np.arange(len(names))))
-        times = ds["time"].values.astype("datetime64[ns]")
-        self.lat = np.asarray(ds["lat"].values)
-        self.lon = np.asarray(ds["lon"].values)
+        times = self.info.times
+        self.lat = np.asarray(self.info.lat)
+        self.lon = np.asarray(self.info.lon)
         self.shape = (len(self.lat), len(self.lon), len(want))  # one step: [lat, lon, channel]
-        step = np.timedelta64(int(round(float(ds.attrs.get("time_step_hours", 6.0)) * 3600)), "s")
+        step = np.timedelta64(int(round(self.info.time_step_hours * 3600)), "s")
         keep = np.ones(times.size, bool)
         yl = parse_years(years)
         if yl is not None:
@@ -211,10 +208,11 @@ class Normalizer:
     std: np.ndarray
 
     @classmethod
-    def from_store(cls, store, channels=None) -> "Normalizer":
-        from fcn_jax.data.store import store_stats
+    def from_store(cls, store, channels=None, info=None) -> "Normalizer":
+        """From a store path, or from its :class:`~fcn_jax.data.store.StoreInfo` when given."""
+        from fcn_jax.data.store import StoreInfo
 
-        mean, std = store_stats(store, channels)
+        mean, std = (info if info is not None else StoreInfo.read(store)).stats(channels)
         return cls(mean, std)
 
     def normalize(self, x):
@@ -348,7 +346,7 @@ def make_train_iterator(store: str | os.PathLike, *, mesh: jax.sharding.Mesh, ba
                         rollout_steps: int = 1, stride: int = 1, seed: int = 0, years=None, time_range=None,
                         shuffle: bool = True, num_epochs: int | None = None, num_workers: int = 0,
                         prefetch: int = 2, num_threads: int = 4, normalize: bool = True,
-                        source: WindowSource | None = None) -> TrainIterator:
+                        source: WindowSource | None = None, info=None) -> TrainIterator:
     """Build the training iterator for ``mesh``.
 
     Args:
@@ -367,8 +365,9 @@ def make_train_iterator(store: str | os.PathLike, *, mesh: jax.sharding.Mesh, ba
       num_threads: reader threads per process / worker.
       normalize: apply the store's per-channel z-score on device.
       source: an existing :class:`WindowSource` to use instead of building one.
+      info: the store's :class:`~fcn_jax.data.store.StoreInfo`, if already read.
     """
-    src = source or WindowSource(store, channels, rollout_steps, years, time_range, stride)
+    src = source or WindowSource(store, channels, rollout_steps, years, time_range, stride, info=info)
     k1 = src.rollout_steps + 1
     n_lat, n_lon, n_ch = src.shape
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
@@ -381,7 +380,7 @@ def make_train_iterator(store: str | os.PathLike, *, mesh: jax.sharding.Mesh, ba
     sharding = NamedSharding(mesh, WINDOW_SPEC)
     global_shape = (batch_size, k1, n_lat, n_lon, n_ch)
     plan = read_plan(sharding, global_shape)
-    normalizer = Normalizer.from_store(src.store, src.channels)
+    normalizer = Normalizer.from_store(src.store, src.channels, info=src.info)
 
     ds = grain.MapDataset.range(len(src))
     if shuffle:

@@ -95,7 +95,8 @@ def synthetic_source(times: np.ndarray, channels, lat: np.ndarray, lon: np.ndarr
     fraction of each channel's spread (deterministic per time step), which
     makes compression behave more like real data.
     """
-    from fcn_jax.data.readers.common import Piece, assemble
+    from fcn_jax.data.readers.pieces import Piece
+    from fcn_jax.data.readers.source import assemble
 
     chans = resolve_channels(channels) if not (channels and isinstance(channels[0], Channel)) else list(channels)
     times = np.asarray(times).astype("datetime64[ns]")
@@ -206,14 +207,16 @@ def write_cds(directory: str | os.PathLike, times: np.ndarray, channels, lat: np
 
 
 def write_wb2(path: str | os.PathLike, times: np.ndarray, channels, lat: np.ndarray, lon: np.ndarray, *,
-              lon_lat_order: bool = False, lat_ascending: bool = False, zarr_format: int = 2) -> str:
+              lon_lat_order: bool = False, lat_ascending: bool = False, zarr_format: int = 2,
+              values: np.ndarray | None = None, append: bool = False) -> str:
     """Write a WeatherBench 2-style zarr store (long names, ``level`` in hPa).
 
     ``lon_lat_order`` writes dims (time, [level,] longitude, latitude) as the
-    older 64x32 WB2 stores do.
+    older 64x32 WB2 stores do. ``values`` overrides :func:`truth`; ``append``
+    adds the times to an existing store (written in pieces).
     """
     chans = resolve_channels(channels) if not (channels and isinstance(channels[0], Channel)) else list(channels)
-    x = truth(times, chans, lat, lon)
+    x = truth(times, chans, lat, lon) if values is None else values
     la = np.asarray(lat, np.float64)
     if lat_ascending:
         x, la = x[:, :, ::-1], la[::-1]
@@ -234,7 +237,10 @@ def write_wb2(path: str | os.PathLike, times: np.ndarray, channels, lat: np.ndar
     ds = xr.Dataset(data, coords={"time": np.asarray(times).astype("datetime64[ns]"), "level": np.asarray(levels, np.int64),
                                   "latitude": la, "longitude": np.asarray(lon, np.float64)})
     ds = ds.chunk({"time": 1})
-    ds.to_zarr(path, mode="w", zarr_format=zarr_format, consolidated=True)
+    if append:
+        ds.to_zarr(path, append_dim="time", zarr_format=zarr_format, consolidated=True)
+    else:
+        ds.to_zarr(path, mode="w", zarr_format=zarr_format, consolidated=True)
     return str(path)
 
 

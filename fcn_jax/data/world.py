@@ -73,8 +73,9 @@ Files are written as CDS netCDF in the *new* convention (``valid_time``,
 ``tp``) and one pressure-level file per year, so preparing the world runs the
 same reader as real ERA5. The store holds :data:`WORLD_STORE_CHANNELS`: the 16
 model channels of :data:`~fcn_jax.data.channels.WORLD`, then ``tp``.
-:func:`world_store` generates (once), prepares (once) and returns the store
-path; both steps are cached on disk keyed by the spec.
+:func:`fcn_jax.data.catalog.world_store` generates (once), prepares (once) and
+returns the store path; both steps are cached on disk keyed by the spec. This
+module only generates; it imports nothing of the store.
 
 Years: with the default 1461 days, 2000-2001 train, 2002 validation, 2003 test
 (:func:`world_splits`); statistics come from the training years.
@@ -105,7 +106,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -451,53 +451,6 @@ def generate_world(nc_dir: str | os.PathLike, spec: WorldSpec = WorldSpec(), *, 
     return [str(nc_dir / os.path.basename(p)) for p in paths]
 
 
-def world_store(root: str | os.PathLike | None = None, *, seed: int = 0, days: int = DEFAULT_DAYS,
-                spec: WorldSpec | None = None, prepare_store: bool = True, progress: bool = True) -> Path:
-    """Generate (once) and prepare (once) the world; return the store path.
-
-    Layout under ``root`` (default ``default_cache_dir() / spec.key()``)::
-
-        root/netcdf/world_<year>_{single,pressure}_levels.nc   CDS-style files
-        root/store.zarr                                         training store
-        root/world.json                                         spec, splits, timings
-
-    A second call with the same arguments finds ``world.json`` matching the spec
-    and returns immediately. With ``prepare_store=False`` returns ``root/netcdf``.
-    """
-    from fcn_jax.data.store import prepare
-
-    spec = spec or WorldSpec(seed=seed, days=days)
-    root = Path(root) if root is not None else default_cache_dir() / spec.key()
-    meta_path = root / "world.json"
-    nc_dir, store = root / "netcdf", root / "store.zarr"
-    spec_d = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples -> lists, as stored
-    meta = {}
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("spec") != spec_d:
-            # Same directory, different spec: regenerate rather than serve stale data.
-            meta = {}
-            shutil.rmtree(nc_dir, ignore_errors=True)
-            shutil.rmtree(store, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    if not (meta.get("netcdf_done") and nc_dir.exists()):
-        t0 = time.perf_counter()
-        generate_world(nc_dir, spec, progress=progress)
-        meta = {"spec": spec_d, "netcdf_done": True, "generate_seconds": round(time.perf_counter() - t0, 1),
-                "splits": world_splits(spec.days, spec.start)}
-        meta_path.write_text(json.dumps(meta, indent=2))
-    if not prepare_store:
-        return nc_dir
-    if not (meta.get("store_done") and store.exists()):
-        t0 = time.perf_counter()
-        files = sorted(str(p) for p in nc_dir.glob("*.nc"))
-        prepare(files, store, channels=list(WORLD_STORE_CHANNELS), stats_years=meta["splits"]["train"], overwrite=True,
-                progress=progress)
-        meta.update(store_done=True, prepare_seconds=round(time.perf_counter() - t0, 1))
-        meta_path.write_text(json.dumps(meta, indent=2))
-    return store
-
-
 def persistence_skill(store: str | os.PathLike, years=None, max_lead: int = 20,
                       channels=None) -> dict[str, np.ndarray]:
     """Normalised RMSE of persistence and of climatology per lead (6 h steps).
@@ -526,3 +479,12 @@ def persistence_skill(store: str | os.PathLike, years=None, max_lead: int = 20,
     step = float(ds.attrs.get("time_step_hours", 6.0))
     return {"lead_hours": np.arange(1, max_lead + 1) * step, "persistence": out,
             "channels": np.asarray(ds["channel"].values)}
+
+
+def __getattr__(name: str):
+    # ``world_store`` (generate + prepare + cache) moved to fcn_jax.data.catalog; old imports keep working.
+    if name == "world_store":
+        from fcn_jax.data.catalog import world_store
+
+        return world_store
+    raise AttributeError(f"module 'fcn_jax.data.world' has no attribute {name!r}")

@@ -33,11 +33,12 @@ from fcn_jax.data.errors import DataError
 from fcn_jax.data.pipeline import WindowSource, make_train_iterator
 
 
-def resolve_store(cfg: ExperimentConfig) -> str:
+def resolve_store(cfg: ExperimentConfig, check: bool = True) -> str:
     """The store path; ``"world"`` means the embedded world (generated and cached on first use)."""
-    from fcn_jax.data.store import resolve_store as resolve
+    from fcn_jax.data.catalog import resolve_store as resolve
 
-    return str(resolve(cfg.data.store, world_seed=cfg.data.world_seed, world_days=cfg.data.world_days or None))
+    return str(resolve(cfg.data.store, world_seed=cfg.data.world_seed, world_days=cfg.data.world_days or None,
+                       check=check))
 
 
 def _years(pair) -> str:
@@ -48,11 +49,8 @@ def _years(pair) -> str:
 PRECIP_CHANNEL = "tp"
 
 
-def _require_tp(store: str, channels: list[str]) -> None:
-    """Raise a DataError that says how to add ``tp`` when the store lacks it."""
-    from fcn_jax.data.store import open_store
-
-    names = [str(c) for c in open_store(store)["channel"].values]
+def _require_tp(store: str, channels: list[str], names: list[str]) -> None:
+    """Raise a DataError that says how to add ``tp`` when the store (channels ``names``) lacks it."""
     if PRECIP_CHANNEL in names:
         return
     raise DataError(
@@ -80,32 +78,34 @@ class Feed:
         self.cfg = cfg
         self.mesh = mesh
         tcfg, dcfg = cfg.train, cfg.data
-        self.store = resolve_store(cfg)
+        from fcn_jax.data.store import StoreInfo
+
+        self.store = resolve_store(cfg, check=False)
+        self.info = info = StoreInfo.read(self.store)  # the one read of the store's description
         self.precip = tcfg.mode == "precip"
         k = 1 if self.precip else tcfg.rollout_steps
         channels = list(dcfg.channels)
         self.n_channels = len(channels)
         read = channels
         if self.precip:
-            _require_tp(self.store, channels)
+            _require_tp(self.store, channels, list(info.channels))
             read = channels + [PRECIP_CHANNEL]  # tp last: windows [.., C + 1], split below
         common = dict(mesh=mesh, batch_size=tcfg.batch_size, channels=read, rollout_steps=k, stride=dcfg.dt,
                       normalize=False, num_workers=dcfg.num_workers, prefetch=dcfg.prefetch,
                       num_threads=dcfg.num_threads)
-        self.train_it = make_train_iterator(self.store, seed=tcfg.seed, years=_years(dcfg.train_years), **common)
-        self._valid_source = WindowSource(self.store, read, k, _years(dcfg.valid_years), stride=dcfg.dt)
+        self.train_it = make_train_iterator(self.store, seed=tcfg.seed, years=_years(dcfg.train_years), info=info,
+                                            **common)
+        self._valid_source = WindowSource(self.store, read, k, _years(dcfg.valid_years), stride=dcfg.dt, info=info)
         self._valid_common = dict(common, num_workers=0)
         # statistics of the C input channels only: tp is never z-scored (its target is log1p(tp / eps))
         mean, std = self.train_it.mean[: self.n_channels], self.train_it.std[: self.n_channels]
         replicated = NamedSharding(mesh, P())
         self.norm = (jax.device_put(jnp.asarray(mean), replicated), jax.device_put(jnp.asarray(std), replicated))
         self.lat = np.asarray(self.train_it.source.lat)
-        from fcn_jax.data.store import open_store
-
-        ds = open_store(self.store)
         scored = [PRECIP_CHANNEL] if self.precip else channels
-        if "time_mean" in ds:
-            clim = ds["time_mean"].sel(channel=scored).transpose("lat", "lon", "channel").values
+        clim = info.time_mean(scored)  # [channel, lat, lon] or None
+        if clim is not None:
+            clim = np.transpose(clim, (1, 2, 0))  # -> [lat, lon, channel]
             self.climatology = jax.device_put(jnp.asarray(clim, jnp.float32), replicated)
         else:
             self.climatology = None

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 from fcn_jax.data.channels import Channel, resolve_channels
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.readers.cds import open_cds
-from fcn_jax.data.readers.common import CanonicalSource
+from fcn_jax.data.readers.source import CanonicalSource
 from fcn_jax.data.readers.hdf5 import open_fcn_hdf5
 from fcn_jax.data.readers.wb2 import open_wb2
 

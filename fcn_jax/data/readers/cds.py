@@ -16,6 +16,11 @@ one file per year or month; pass them all. Variables are found by their CDS
 short names (``u10``, ``t``, ``z`` ...; long names are tried too), packed
 values are CF-decoded by xarray (fill values become NaN, which ``prepare``
 then reports), geopotential height (``gh``) becomes geopotential.
+
+Precipitation: CDS ``tp`` is hourly (the hour ending at each time); given
+hourly, it is summed into the 6 h accumulation ending at 00/06/12/18 UTC, the
+store's convention, and hourly instantaneous variables are subsampled to the
+same stamps (:mod:`fcn_jax.data.readers.accumulate`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import xarray as xr
 
 from fcn_jax.data.channels import Channel
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.readers.common import CanonicalSource, assemble, collect_pieces, standardize
+from fcn_jax.data.readers.accumulate import to_six_hourly
+from fcn_jax.data.readers.grid import standardize
+from fcn_jax.data.readers.pieces import collect_pieces
+from fcn_jax.data.readers.source import CanonicalSource, assemble
 
 
 def open_netcdf(path: str) -> xr.Dataset:
@@ -52,5 +60,6 @@ def open_cds(paths: Sequence[str], channels: Sequence[Channel], *, allow_gaps: b
     """Open CDS netCDF files as one :class:`CanonicalSource` with ``channels``."""
     datasets = [(str(p), open_netcdf(str(p))) for p in paths]
     pieces = collect_pieces(datasets, channels, prefer="cds")
+    pieces, note = to_six_hourly(pieces)  # hourly tp -> 6 h sums (no-op for 6-hourly sources)
     return assemble(channels, pieces, source_kind="cds-netcdf", files=[p for p, _ in datasets],
-                    allow_gaps=allow_gaps)
+                    allow_gaps=allow_gaps, extra_attrs={"time_trimmed": note} if note else None)

@@ -16,7 +16,10 @@ import xarray as xr
 
 from fcn_jax.data.channels import Channel
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.readers.common import CanonicalSource, assemble, collect_pieces, standardize
+from fcn_jax.data.readers.accumulate import to_six_hourly
+from fcn_jax.data.readers.grid import standardize
+from fcn_jax.data.readers.pieces import collect_pieces
+from fcn_jax.data.readers.source import CanonicalSource, assemble
 
 
 def open_wb2_zarr(path: str) -> xr.Dataset:
@@ -34,5 +37,6 @@ def open_wb2(paths: Sequence[str], channels: Sequence[Channel], *, allow_gaps: b
     """Open one or more WB2-style zarr stores as one :class:`CanonicalSource`."""
     datasets = [(str(p), open_wb2_zarr(str(p))) for p in paths]
     pieces = collect_pieces(datasets, channels, prefer="wb2")
+    pieces, note = to_six_hourly(pieces)  # hourly tp -> 6 h sums (no-op for 6-hourly sources)
     return assemble(channels, pieces, source_kind="wb2-zarr", files=[p for p, _ in datasets],
-                    allow_gaps=allow_gaps)
+                    allow_gaps=allow_gaps, extra_attrs={"time_trimmed": note} if note else None)
