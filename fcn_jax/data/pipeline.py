@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fcn_jax.data.errors import DataError
+from fcn_jax.normalize import Normalizer  # the one normaliser; re-exported for the pipeline's users
 from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH
 
 #: Layout of a batch of windows: x: [batch@data, time (k+1), lat@height, lon@width, channel].
@@ -166,33 +167,6 @@ class WindowSource:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.read(int(i))
-
-
-# -------------------------------------------------------------- normalisation
-@dataclasses.dataclass(frozen=True)
-class Normalizer:
-    """Per-channel z-score with the store's statistics; jittable.
-
-    ``mean``/``std``: [channel] float32. ``normalize``/``denormalize`` broadcast
-    over the last (channel) axis of numpy or jax arrays, inside or outside jit,
-    and keep the input's sharding.
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def from_store(cls, store, channels=None) -> "Normalizer":
-        from fcn_jax.data.store import store_stats
-
-        mean, std = store_stats(store, channels)
-        return cls(mean, std)
-
-    def normalize(self, x):
-        return (x - self.mean.astype(x.dtype)) / self.std.astype(x.dtype)
-
-    def denormalize(self, x):
-        return x * self.std.astype(x.dtype) + self.mean.astype(x.dtype)
 
 
 # ---------------------------------------------------------- per-process plan

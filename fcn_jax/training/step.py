@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fcn_jax.normalize import normalize
 from fcn_jax.training.losses import relative_l2, rollout_loss
 
 
@@ -116,7 +117,7 @@ def normalize_batch(batch: dict, norm) -> dict:
         return batch
     mean, std = norm
     out = dict(batch)
-    out["fields"] = (batch["fields"].astype(jnp.float32) - mean) / std
+    out["fields"] = normalize(batch["fields"].astype(jnp.float32), mean, std)
     return out
 
 
