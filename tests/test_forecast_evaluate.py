@@ -375,3 +375,71 @@ def test_evaluate_cli_table_plots(store, tmp_path, capsys):
 def test_initial_condition_starts_like_the_original():
     starts = evaluate.initial_condition_starts(1336, 41, 36)
     assert len(starts) == 36 and starts[0] == 0 and starts[-1] == 1260
+
+
+# --------------------------------------------------------------------------- #
+# cyclone tracks
+# --------------------------------------------------------------------------- #
+
+
+def _moving_low(n_lead, lat, lon, start=(45.0, 300.0), speed=(0.5, 4.0), depth=2000.0, sigma_km=800.0):
+    """``[lead, lat, lon]`` surface pressure with a Gaussian low moving ``speed`` deg/step (lat, lon)."""
+    from fcn_jax.track import great_circle_km
+
+    out = []
+    for t in range(n_lead):
+        c = (start[0] + speed[0] * t, (start[1] + speed[1] * t) % 360)
+        d = great_circle_km(np.asarray(lat)[:, None], np.asarray(lon)[None, :], *c)
+        out.append(1.0e5 - depth * np.exp(-0.5 * (d / sigma_km) ** 2))
+    return np.stack(out)
+
+
+def test_tracker_follows_a_moving_low_in_every_member(tmp_path):
+    from fcn_jax import track
+
+    lat, lon = S.grid(32, 64, poles=False)
+    n_lead, M = 9, 3
+    speeds = [(0.5, 4.0), (0.0, 5.0), (1.0, 3.0)]
+    sp = np.stack([_moving_low(n_lead, lat, lon, speed=s) for s in speeds], axis=1)  # [lead, member, lat, lon]
+    path = write_forecast(tmp_path / "f.nc", sp[None, ..., None].astype(np.float32),
+                          init_times=["2003-01-01T00"], lat=lat, lon=lon, channels=["sp"])
+    tr = track.track_forecast(path, (46.0, 302.0), radius_km=900)
+    for m, (vlat, vlon) in enumerate(speeds):
+        true_lat = 45.0 + vlat * np.arange(n_lead)
+        true_lon = (300.0 + vlon * np.arange(n_lead)) % 360
+        err = track.great_circle_km(tr.track_lat.values[m], tr.track_lon.values[m], true_lat, true_lon)
+        assert np.all(err < 120), (m, err)  # sub-grid refined: well under the ~5.6 deg (~600 km) grid spacing
+    assert "truth_lat" not in tr
+    # a radius smaller than the grid spacing finds nothing: lost, NaN
+    lost = track.track_forecast(path, (46.0, 302.0), radius_km=50)
+    assert np.isnan(lost.track_lat.values).all()
+    with pytest.raises(ForecastError, match=r"no pressure variable to track"):
+        track.track_forecast(path, (46.0, 302.0), variable="msl")
+
+
+def test_track_cli_with_truth_from_the_store(tmp_path, capsys):
+    """Forecast = the store's own sp: every member's track is the truth's, error 0."""
+    from fcn_jax import track
+
+    lat, lon = S.grid(16, 32, poles=False)
+    times = S.six_hourly("2001-01-01T00", 8)
+    store = prepare(S.synthetic_source(times, ["sp", "t2m"], lat, lon, noise=0.3), tmp_path / "s.zarr",
+                    channels=["sp", "t2m"], doy_climatology=False, progress=False)
+    x = np.asarray(xr.open_zarr(store)["fields"].sel(channel="sp").values)  # [time, lat, lon]
+    f = np.stack([x[1:6], x[1:6]], axis=1)[None, ..., None]  # init times[1], 5 leads, 2 identical members
+    path = write_forecast(tmp_path / "fc" / "f.nc", f, init_times=times[1:2], lat=lat, lon=lon, channels=["sp"],
+                          attrs={"store": str(store)})
+    start = track.find_low(x[1], lat, lon, lat_band=(-90, 90), smooth_anomaly=False)
+    lat0, lon0 = start
+    assert track.main([str(path), f"--start={lat0},{lon0}", "--radius-km", "1500"]) == 0
+    text = capsys.readouterr().out
+    assert "mean member error" in text
+    out = sorted(os.listdir(tmp_path / "fc"))
+    assert out == ["f.nc", "tracks.csv", "tracks.nc", "tracks.png"]
+    tr = xr.open_dataset(tmp_path / "fc" / "tracks.nc")
+    np.testing.assert_allclose(tr.track_error_km.values, 0.0, atol=1e-6)
+    np.testing.assert_allclose(tr.track_lat.values[0], tr.truth_lat.values)
+    rows = (tmp_path / "fc" / "tracks.csv").read_text().splitlines()
+    assert rows[0] == "init_time,member,lead_time_hours,lat,lon,pressure" and len(rows) == 1 + 3 * 5
+    assert track.main([str(path), "--start", "95,10"]) == 2
+    assert "latitude must be within" in capsys.readouterr().err
