@@ -182,7 +182,14 @@ def plot_tracks(tracks, path: str | os.PathLike, *, background=None, lat=None, l
         ttl = np.asarray(tracks["truth_lat"].values, np.float64)
         ttn = np.unwrap(np.asarray(tracks["truth_lon"].values, np.float64), period=360.0)
         ax.plot(ttn, ttl, color="k", lw=2, marker="o", ms=3, label="truth")
-    ax.plot(tn[0, 0], tl[0, 0], marker="*", ms=12, color="tab:red", label="start")
+    ax.plot(float(tracks.attrs.get("start_lon", tn[0, 0])), float(tracks.attrs.get("start_lat", tl[0, 0])),
+            marker="*", ms=12, color="tab:red", label="start", ls="none")
+    # zoom on the tracks (15 deg margin); longitudes stay unwrapped so a track may cross 0 E
+    every_lat = np.concatenate([tl.ravel()] + ([ttl] if "truth_lat" in tracks else []))
+    every_lon = np.concatenate([tn.ravel()] + ([ttn] if "truth_lat" in tracks else []))
+    if np.isfinite(every_lat).any():
+        ax.set_xlim(np.nanmin(every_lon) - 15, np.nanmax(every_lon) + 15)
+        ax.set_ylim(max(np.nanmin(every_lat) - 15, -90), min(np.nanmax(every_lat) + 15, 90))
     ax.set_xlabel("longitude [deg E]")
     ax.set_ylabel("latitude [deg N]")
     ax.grid(alpha=0.3)

@@ -227,6 +227,20 @@ def format_track_errors(tracks, leads_h=(0, 24, 48, 72, 96, 120)) -> str:
     return "\n".join(lines)
 
 
+def _background(fc, tracks, truth=None):
+    """The pressure field at the initial time for the map: the truth's, else the members' mean at lead 0."""
+    var, t0 = tracks.attrs["variable"], np.datetime64(tracks.attrs["init_time"], "ns")
+    store = truth or fc.attrs.get("store")
+    if store:
+        from fcn_jax.data.store import open_store
+
+        ds = open_store(store)
+        if t0 in set(ds["time"].values.astype("datetime64[ns]")):
+            return np.asarray(ds["fields"].sel(channel=var, time=t0).values)
+    f = fc[var].sel(init_time=t0).isel(lead_time=0)
+    return np.asarray((f.mean("member") if "member" in f.dims else f).values)
+
+
 def _latlon(s: str):
     try:
         a, b = (float(v) for v in s.split(","))
@@ -253,11 +267,8 @@ def main(argv=None) -> int:
                                 variable=args.variable)
         out = Path(args.out) if args.out else Path(args.forecast).resolve().parent
         fc = read_forecast(args.forecast)
-        bg = fc[tracks.attrs["variable"]].sel(init_time=np.datetime64(tracks.attrs["init_time"], "ns")) \
-            .isel(lead_time=0)
-        if "member" in bg.dims:
-            bg = bg.isel(member=0)
-        paths = write_tracks(tracks, out, background=bg.values, lat=fc["lat"].values, lon=fc["lon"].values)
+        bg = _background(fc, tracks, args.truth)
+        paths = write_tracks(tracks, out, background=bg, lat=fc["lat"].values, lon=fc["lon"].values)
     except (ForecastError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
