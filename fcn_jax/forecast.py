@@ -229,7 +229,8 @@ def _to_host(x) -> np.ndarray:
 def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int = 0,
                  perturbation_std: float = 0.3, seed: int = 0, precip_dir=None, mesh_shape=None,
                  ic_file=None, batch_size: int | None = None, member_chunk: int | None = None,
-                 channels: Sequence[str] | None = None, progress: bool = False) -> Path:
+                 channels: Sequence[str] | None = None, precip_bound_std: float = 10.0,
+                 progress: bool = False) -> Path:
     """Run a forecast and write it to ``out`` (.nc / .zarr); see the module doc. Returns the path.
 
     ``init_times``: datetime64 array or a ``--init`` string. ``members`` 0 is
@@ -237,6 +238,11 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
     allowed; default all devices on ``data``). ``batch_size``: ICs per
     deterministic chunk; ``member_chunk``: members per ensemble chunk (both
     rounded up to a multiple of the ``data`` axis; default 8).
+    ``precip_bound_std``: the precipitation model's log-space output is
+    bounded at ``log1p(tp_max / eps)`` with ``tp_max = mean + K std`` of the
+    store's ``tp`` (K = this; 0 = unbounded): the inverse ``eps * expm1(y)`` is
+    exponential, and a few over-confident outputs would otherwise dominate an
+    RMSE in metres.
     """
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -291,6 +297,13 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
     model = model_ckpt.load_model(model_dir, mesh)
     pnet = model_ckpt.load_model(precip_dir, mesh) if pcfg is not None else None
     eps = precip_eps(precip_dir) if pcfg is not None else None
+    y_max = None
+    if pcfg is not None and precip_bound_std > 0:
+        if not has_tp:
+            raise ForecastError(f"store {store}: no 'tp' channel to bound the precipitation model's output with; "
+                                f"pass precip_bound_std=0 (--precip-bound-std 0)")
+        tp_mean, tp_std = store_stats(store, ["tp"])
+        y_max = float(np.log1p((tp_mean[0] + precip_bound_std * tp_std[0]) / eps))
     sharding = NamedSharding(mesh, IMAGE_SPEC)
 
     def read_ics(sel: np.ndarray) -> np.ndarray:  # [n, lat, lon, ch] physical
@@ -310,7 +323,7 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
         phys = norm.denormalize(_to_host(traj_n))
         if pnet is None:
             return phys
-        tp = _precip(pnet, traj_n, eps)  # [n, lead, (m), lat, lon]
+        tp = _precip(pnet, traj_n, eps, y_max, sharding)  # [n, lead, (m), lat, lon]
         tp[:, 0] = tp_at_init(sel)[:, None] if n_members else tp_at_init(sel)
         return np.concatenate([phys, tp[..., None]], axis=-1)
 
@@ -350,18 +363,21 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
     return Path(out)
 
 
-def _precip(pnet, traj_n, eps: float) -> np.ndarray:
-    """``tp`` in metres ``traj.shape[:-1]``: PrecipNet on every normalised state, un-logged."""
-    import jax.numpy as jnp
+def _precip(pnet, traj_n, eps: float, y_max, sharding) -> np.ndarray:
+    """``tp`` in metres ``traj.shape[:-1]``: PrecipNet on every normalised state, un-logged (bounded at ``y_max``)."""
     from flax import nnx
 
     from fcn_jax.normalize import precip_to_metres
 
     shape = traj_n.shape
-    flat = jnp.reshape(traj_n, (-1,) + shape[-3:])
+    flat = np.asarray(_to_host(traj_n)).reshape((-1,) + shape[-3:])  # [N, lat, lon, ch]
+    n, n_data = flat.shape[0], int(sharding.mesh.shape["data"])
+    pad = _round_up(n, n_data) - n  # the batch must divide over 'data'
+    flat = np.concatenate([flat, np.repeat(flat[-1:], pad, axis=0)]) if pad else flat
     gd, st = nnx.split(pnet)
-    y = _precip_apply(gd, st, flat)  # [N, lat, lon, 1] log1p(tp / eps)
-    return np.asarray(precip_to_metres(y[..., 0], eps)).reshape(shape[:-1])
+    y = _precip_apply(gd, st, jax.device_put(flat, sharding))  # [N, lat, lon, 1] log1p(tp / eps)
+    y = _to_host(y)[:n, ..., 0]
+    return np.asarray(precip_to_metres(y, eps, y_max), np.float32).reshape(shape[:-1])
 
 
 def _precip_apply_impl(graphdef, state, x):
@@ -414,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("--member-chunk", type=int, default=None, help="members per compiled call (default 8)")
     ap.add_argument("--batch-size", type=int, default=None, help="ICs per deterministic call (default 8)")
     ap.add_argument("--precip", default=None, help="precipitation model dir: adds tp (metres)")
+    ap.add_argument("--precip-bound-std", type=float, default=10.0,
+                    help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")
     ap.add_argument("--mesh", type=_ints, default=None, help="D,C,H,W mesh (default: all devices on data)")
     ap.add_argument("--ic-file", default=None, help="NetCDF/zarr with the ICs (time dim) instead of the store")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
@@ -421,6 +439,7 @@ def main(argv=None) -> int:
 
     from fcn_jax.config import ConfigError
     from fcn_jax.data.errors import DataError
+    from fcn_jax.parallel.mesh import MeshError
 
     try:
         store = args.store
@@ -432,8 +451,9 @@ def main(argv=None) -> int:
                      members=args.members, perturbation_std=args.perturbation_std, seed=args.seed,
                      precip_dir=args.precip, mesh_shape=args.mesh, ic_file=args.ic_file,
                      batch_size=args.batch_size, member_chunk=args.member_chunk,
-                     channels=args.channels.split(",") if args.channels else None, progress=True)
-    except (ForecastError, DataError, ConfigError, FileNotFoundError) as e:
+                     channels=args.channels.split(",") if args.channels else None,
+                     precip_bound_std=args.precip_bound_std, progress=True)
+    except (ForecastError, DataError, ConfigError, MeshError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -33,7 +33,9 @@ LAT, LON = S.grid(16, 32, poles=False)
 
 def _tiny_model(cfg=CFG):
     """Abstract build + NumPy-filled parameters: 0.3 s instead of eager init's 6-10 s of compiles."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: AFNONet(cfg, seed=0)))
+    from fcn_jax.model.afnonet import build_model
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32), state)
     return nnx.merge(graphdef, state)
@@ -51,11 +53,11 @@ def x0():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """16 x 32 grid, z500/t850/t2m, 24 six-hourly times from 2001-01-01 (analytic values)."""
+    """16 x 32 grid, z500/t850/t2m + tp, 24 six-hourly times from 2001-01-01 (analytic values)."""
     d = tmp_path_factory.mktemp("fcstore")
     times = S.six_hourly("2001-01-01T00", 24)
-    path = prepare(S.synthetic_source(times, CHANNELS, LAT, LON, noise=0.3), d / "s.zarr", channels=CHANNELS,
-                   doy_climatology=False, progress=False)
+    path = prepare(S.synthetic_source(times, CHANNELS + ["tp"], LAT, LON, noise=0.3), d / "s.zarr",
+                   channels=CHANNELS + ["tp"], doy_climatology=False, progress=False)
     return str(path), times
 
 
@@ -195,7 +197,7 @@ def test_forecast_cli_deterministic_and_ensemble(store, model_dir, model, tmp_pa
     ds = read_forecast(out)
     assert ds.sizes == {"init_time": 3, "lead_time": 4, "lat": 16, "lon": 32}
     norm = Normalizer.from_store(path, CHANNELS)
-    x0 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].isel(time=[0, 2, 4]).transpose(
+    x0 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].sel(channel=CHANNELS).isel(time=[0, 2, 4]).transpose(
         "time", "lat", "lon", "channel").values))
     ref = norm.denormalize(np.asarray(rollout(model, x0, 3)))
     got = np.stack([ds[c].values for c in CHANNELS], -1)
@@ -207,11 +209,40 @@ def test_forecast_cli_deterministic_and_ensemble(store, model_dir, model, tmp_pa
     assert rc == 0, capsys.readouterr().err
     e = read_forecast(out_e)
     assert e["t2m"].dims == ("init_time", "lead_time", "member", "lat", "lon") and e.sizes["member"] == 5
-    x1 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].isel(time=[1]).transpose(
+    x1 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].sel(channel=CHANNELS).isel(time=[1]).transpose(
         "time", "lat", "lon", "channel").values))
     ref = ensemble_rollout(model, x1, 2, 5, 0.3, jax.random.fold_in(jax.random.key(4), 0))
     got = norm.normalize(np.stack([e[c].values for c in CHANNELS], -1))
     np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_forecast_cli_precipitation(store, model_dir, model, tmp_path, capsys):
+    """tp = eps * expm1(clip(PrecipNet(state), 0, log1p(tp_max / eps))) at every lead >= 1; lead 0 the store's tp."""
+    from fcn_jax.normalize import precip_to_metres
+
+    path, times = store
+    pcfg = ModelConfig(img_size=(16, 32), patch_size=(4, 4), in_channels=3, out_channels=1, embed_dim=16, depth=1,
+                       num_blocks=2, kind="precip")
+    pnet = _tiny_model(pcfg)
+    pdir = tmp_path / "precip"
+    model_ckpt.save_model(pdir, pnet)
+    out = tmp_path / "p.nc"
+    rc = forecast.main([model_dir, "--precip", str(pdir), "--store", path, "--init", f"{times[2]}", "--steps", "2",
+                        "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    ds = read_forecast(out)
+    assert ds["tp"].attrs["units"] == "m"
+    st = xr.open_zarr(path)
+    np.testing.assert_allclose(ds["tp"].values[0, 0], st["fields"].sel(channel="tp").isel(time=2).values, rtol=1e-6)
+    norm = Normalizer.from_store(path, CHANNELS)
+    x = norm.normalize(np.asarray(st["fields"].sel(channel=CHANNELS).isel(time=[2]).transpose(
+        "time", "lat", "lon", "channel").values))
+    traj = rollout(model, x, 2)
+    m, s = Normalizer.from_store(path, ["tp"]).as_tuple()
+    y_max = np.log1p((m[0] + 10 * s[0]) / 1e-5)
+    ref = np.stack([precip_to_metres(np.asarray(pnet(traj[:, k]))[..., 0], 1e-5, y_max) for k in (1, 2)], 1)
+    np.testing.assert_allclose(ds["tp"].values[:, 1:], ref, rtol=1e-4, atol=1e-9)
+    assert np.all(ds["tp"].values[:, 1:] <= 1e-5 * np.expm1(y_max) * (1 + 1e-6))
 
 
 @pytest.mark.parametrize("case,pattern", [
@@ -254,8 +285,8 @@ def test_forecast_bad_input_is_a_clear_error_and_leaves_nothing(case, pattern, s
 def _truth_fields(path, idx):
     """Store fields ``[n, lat, lon, channel]`` at time indices ``idx``."""
     ds = xr.open_zarr(path)
-    return np.asarray(ds["fields"].isel(time=np.asarray(idx)).transpose("time", "lat", "lon", "channel").values,
-                      np.float64)
+    return np.asarray(ds["fields"].sel(channel=CHANNELS).isel(time=np.asarray(idx)).transpose(
+        "time", "lat", "lon", "channel").values, np.float64)
 
 
 def _file_from(path, times, fields, out, init_idx, n_lead):
