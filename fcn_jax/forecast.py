@@ -129,9 +129,13 @@ def model_channels(model_dir, override: Sequence[str] | None = None) -> list[str
     if chans:
         return list(chans)
     if meta.get("experiment"):
-        from fcn_jax.config import load_experiment
+        from fcn_jax.config import ConfigError, load_experiment
 
-        return list(load_experiment(meta["experiment"]).data.channels)
+        try:
+            return list(load_experiment(meta["experiment"]).data.channels)
+        except ConfigError as e:
+            raise ForecastError(f"{model_dir}: cannot read the channels of its experiment {meta['experiment']!r} "
+                                f"({e}); pass --channels") from e
     raise ForecastError(f"{model_dir}: cannot tell the model's channels (no channels in model.json, no run "
                         f"config.yaml, no experiment); pass --channels")
 

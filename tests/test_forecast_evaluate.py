@@ -245,6 +245,41 @@ def test_forecast_cli_precipitation(store, model_dir, model, tmp_path, capsys):
     assert np.all(ds["tp"].values[:, 1:] <= 1e-5 * np.expm1(y_max) * (1 + 1e-6))
 
 
+def test_forecast_from_a_converted_original_checkpoint(store, model, tmp_path, capsys):
+    """Original-format .ckpt -> python -m fcn_jax.convert -> python -m fcn_jax.forecast: shapes and values."""
+    import textwrap
+
+    from fcn_jax import convert
+
+    path, times = store
+    ckpt = tmp_path / "backbone.ckpt"
+    convert.save_torch_checkpoint(model, ckpt)
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(textwrap.dedent(f"""\
+        base: afno_backbone
+        name: tiny
+        model: {{img_size: [16, 32], patch_size: [4, 4], in_channels: 3, out_channels: 3, embed_dim: 16, depth: 1,
+                 num_blocks: 2}}
+        data: {{channels: [{", ".join(CHANNELS)}]}}
+        """))
+    assert convert.main([str(ckpt), "--experiment", str(exp), "--out", str(tmp_path / "conv")]) == 0
+    out = tmp_path / "c.nc"
+    # the experiment is a file, not a name: its channels cannot be looked up -> a clear error, then --channels
+    assert forecast.main([str(tmp_path / "conv"), "--store", path, "--init", str(times[0]), "--steps", "2",
+                          "--out", str(out)]) == 2
+    assert "pass --channels" in capsys.readouterr().err and not out.exists()
+    assert forecast.main([str(tmp_path / "conv"), "--store", path, "--init", str(times[0]), "--steps", "2",
+                          "--channels", ",".join(CHANNELS), "--out", str(out)]) == 0
+    ds = read_forecast(out)
+    assert ds.sizes == {"init_time": 1, "lead_time": 3, "lat": 16, "lon": 32} and list(ds.data_vars) == CHANNELS
+    norm = Normalizer.from_store(path, CHANNELS)
+    x0 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].sel(channel=CHANNELS).isel(time=[0]).transpose(
+        "time", "lat", "lon", "channel").values))
+    ref = norm.denormalize(np.asarray(rollout(model, x0, 2)))
+    np.testing.assert_allclose(np.stack([ds[c].values for c in CHANNELS], -1), ref, rtol=1e-5,
+                               atol=1e-4 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("case,pattern", [
     ("time", r"initial time\(s\) \['2002-01-01T00:00:00'\] not in the store"),
     ("channels", r"channels \['q700'\] of the model are not in the store"),
