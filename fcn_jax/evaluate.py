@@ -17,6 +17,8 @@ channel names:
 * ``rmse`` -- latitude-weighted RMSE, physical units; for an ensemble, of the
   ensemble mean;
 * ``acc`` -- anomaly correlation against the climatology (not re-centred);
+  the climatology baseline has no anomaly, so its correlation is undefined:
+  reported as 0 (no skill), the conventional value;
 * ``bias`` (forecast - truth) and ``mae``, area means, physical units;
 * for ensembles: ``crps`` (fair estimator; a deterministic forecast is a
   one-member ensemble, so the baselines' CRPS is their MAE), ``spread``
@@ -304,7 +306,7 @@ def _assemble(det, ens, methods, chans, lead, std, convention):
     mse = np.stack([det[m]["mse"] for m in methods])  # [method, ic, lead, ch]
     rmse = np.sqrt(mse).mean(axis=1) * std if convention == "fcn" else np.sqrt(mse.mean(axis=1)) * std
     acc = np.stack([det[m]["acc"] for m in methods]).mean(axis=1)
-    if "climatology" in methods and convention == "fcn":
+    if "climatology" in methods:
         acc[methods.index("climatology")] = 0.0  # no anomaly: undefined correlation, reported as no skill
     data = {
         "rmse": (dims, t(rmse), {"long_name": "latitude-weighted RMSE" + (" of the ensemble mean" if ens else ""),

@@ -335,9 +335,11 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
              "perturbation_std": perturbation_std if members else None, "seed": seed if members else None,
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
     tqdm = _tqdm(progress)
-    with jax.set_mesh(mesh), ForecastWriter(out, init_times=times, n_lead=steps + 1, step_hours=step_hours,
-                                            lat=lat, lon=lon, channels=out_channels, members=members or None,
-                                            attrs=attrs, var_attrs={"tp": {"units": "m"}}) as writer:
+    # multi-host: every process computes (and gathers) each chunk, process 0 alone writes the file
+    writer_cm = ForecastWriter(out, init_times=times, n_lead=steps + 1, step_hours=step_hours, lat=lat, lon=lon,
+                               channels=out_channels, members=members or None, attrs=attrs,
+                               var_attrs={"tp": {"units": "m"}}) if jax.process_index() == 0 else _NoWriter()
+    with jax.set_mesh(mesh), writer_cm as writer:
         if not members:
             bs = _round_up(batch_size or min(len(times), 8), n_data)
             for i0 in tqdm(range(0, len(times), bs), desc="forecast"):
@@ -391,6 +393,19 @@ def _precip_apply_impl(graphdef, state, x):
 
 
 _precip_apply = jax.jit(_precip_apply_impl, static_argnums=0)
+
+
+class _NoWriter:
+    """The writer of the processes other than 0 in a multi-host run."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _round_up(n: int, k: int) -> int:
