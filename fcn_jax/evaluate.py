@@ -100,7 +100,7 @@ def initial_condition_starts(n_times: int, prediction_length: int, stride: int, 
 
 @jax.jit
 def _det_scores(pred, truth, clim, w):
-    """``{mse, acc, bias, mae}`` each ``[lead, channel]``; fields ``[lead, lat, lon, channel]`` (pred/clim broadcast)."""
+    """``{mse, acc, bias, mae}`` each ``[ic, lead, channel]``; fields ``[ic, lead, lat, lon, channel]`` (pred/clim broadcast)."""
     pred, truth = jnp.broadcast_arrays(pred, truth)
     return {
         "mse": metrics.weighted_mse(pred, truth, w),
@@ -112,11 +112,11 @@ def _det_scores(pred, truth, clim, w):
 
 @jax.jit
 def _ens_scores(members, truth, clim, w):
-    """Ensemble ``members [lead, member, lat, lon, channel]`` vs ``truth [lead, lat, lon, channel]``."""
-    out = _det_scores(jnp.mean(members, axis=1), truth, clim, w)
-    out["crps"] = metrics.weighted_crps(members, truth, w, axis=1, estimator="fair")
-    out["var"] = metrics.ensemble_variance(members, w, axis=1)
-    out["rank"] = metrics.rank_counts(members, truth, axis=1)  # [lead, channel, M+1]
+    """Ensemble ``members [ic, lead, member, lat, lon, channel]`` vs ``truth [ic, lead, lat, lon, channel]``."""
+    out = _det_scores(jnp.mean(members, axis=2), truth, clim, w)
+    out["crps"] = metrics.weighted_crps(members, truth, w, axis=2, estimator="fair")
+    out["var"] = metrics.ensemble_variance(members, w, axis=2)
+    out["rank"] = jnp.sum(metrics.rank_counts(members, truth, axis=2), axis=0)  # [lead, channel, M+1]
     return out
 
 
@@ -167,7 +167,7 @@ def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = B
     also writes ``scores.nc``, ``scores.csv``, ``rank_histogram.nc`` (ensembles)
     and the plots there. Everything is checked before any score is computed
     and nothing is written on error. ``max_chunk_bytes`` bounds the forecast
-    slice held in memory (ICs one at a time, leads in chunks).
+    slice held in memory (as many ICs at once as fit, else one IC with its leads in chunks).
     """
     import xarray as xr
 
@@ -227,36 +227,40 @@ def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = B
         x = fields.isel(time=xr.DataArray(np.asarray(tidx).reshape(-1), dims="t"), channel=ci)
         return norm(x.transpose("t", "lat", "lon", "channel").values)
 
-    it = range(len(init))
+    n_init = len(init)
+    ic_chunk = int(max(1, max_chunk_bytes // (per_lead * len(lead)))) if lc == len(lead) else 1
+    chunks = [(i0, min(i0 + ic_chunk, n_init)) for i0 in range(0, n_init, ic_chunk)]
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="evaluate")
-    for i in it:
-        pers = read_truth(iidx[i:i + 1]) if iidx is not None else None
+        chunks = tqdm(chunks, desc="evaluate")
+    for i0, i1 in chunks:  # ICs [i0, i1) x leads in chunks of lc: one read per channel and chunk
+        n = i1 - i0
+        pers = read_truth(iidx[i0:i1])[:, None] if iidx is not None else None  # [n, 1, lat, lon, ch]
         for l0 in range(0, len(lead), lc):
             sl = slice(l0, min(l0 + lc, len(lead)))
-            f = np.stack([np.asarray(fc[c].isel(init_time=i, lead_time=sl).values, np.float32) for c in chans], -1)
-            f = norm(f)  # [L, (M), lat, lon, ch]
-            y = read_truth(vidx[i, sl])  # [L, lat, lon, ch]
+            L = sl.stop - sl.start
+            f = np.stack([np.asarray(fc[c].isel(init_time=slice(i0, i1), lead_time=sl).values, np.float32)
+                          for c in chans], -1)
+            f = norm(f)  # [n, L, (M), lat, lon, ch]
+            y = read_truth(vidx[i0:i1, sl]).reshape((n, L) + f.shape[-3:])  # [n, L, lat, lon, ch]
             if convention == "wb2":
-                cl = climatology_at(ds, valid[i, sl]).isel(channel=ci).transpose("time", "lat", "lon", "channel")
-                clim = norm(cl.values)
+                cl = climatology_at(ds, valid[i0:i1, sl].reshape(-1)).isel(channel=ci)
+                clim = norm(cl.transpose("time", "lat", "lon", "channel").values).reshape(y.shape)
             else:
-                clim = tmean_n[None]
-            res = _ens_scores(f, y, clim, w) if ensemble else _det_scores(f, y, clim, w)
-            res = jax.device_get(res)
+                clim = tmean_n[None, None]
+            res = jax.device_get(_ens_scores(f, y, clim, w) if ensemble else _det_scores(f, y, clim, w))
             for k in _DET:
-                acc_store["model"][k][i, sl] = res[k]
+                acc_store["model"][k][i0:i1, sl] = res[k]
             if ensemble:
-                ens_store["crps"][i, sl] = res["crps"]
-                ens_store["var"][i, sl] = res["var"]
+                ens_store["crps"][i0:i1, sl] = res["crps"]
+                ens_store["var"][i0:i1, sl] = res["var"]
                 ranks[sl] += np.asarray(res["rank"], np.int64)
             for b in baselines:
                 pred = pers if b == "persistence" else clim
                 rb = jax.device_get(_det_scores(pred, y, clim, w))
                 for k in _DET:
-                    acc_store[b][k][i, sl] = rb[k]
+                    acc_store[b][k][i0:i1, sl] = rb[k]
     scores = _assemble(acc_store, ens_store if ensemble else None, methods, chans, lead, std, convention)
     scores.attrs.update({"n_ic": len(init), "convention": convention, "members": n_mem,
                          "lat_weights": "wb2 cell area" if convention == "wb2" else
