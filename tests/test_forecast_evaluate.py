@@ -372,6 +372,9 @@ def test_evaluate_matches_xarray_and_scoringrules(store, tmp_path, convention):
     fc_path = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0][None]
                          + noise[init_idx.index(i), l], tmp_path / "e.nc", init_idx, n_lead)
     s = evaluate.evaluate_forecast(fc_path, path, None, convention=convention)
+    # one IC and one lead at a time (bounded memory) gives the same scores
+    xr.testing.assert_allclose(evaluate.evaluate_forecast(fc_path, path, None, convention=convention,
+                                                          max_chunk_bytes=1), s, rtol=1e-5)
     fc = xr.open_dataset(fc_path)
     st = xr.open_zarr(path)
     w = np.cos(np.deg2rad(LAT))
