@@ -1,288 +1,351 @@
-"""Scoring forecasts against the truth and the two reference baselines.
+"""``python -m fcn_jax.evaluate``: score a forecast file against the truth and the baselines.
 
-FourCastNet's protocol (evaluation spec §5, model spec §15-§16): latitude-
-weighted RMSE in physical units and ACC against a time-mean climatology, per
-initial condition (IC), per lead and per channel, then averaged over ICs. The
-model is always shown next to
+    python -m fcn_jax.evaluate FORECAST --truth STORE --out DIR \\
+        [--baselines persistence,climatology] [--convention fcn|wb2]
 
-* **persistence** -- the forecast at every lead is the initial condition;
-* **climatology** -- the forecast at every lead is the climatology,
+``FORECAST``: any file in the forecast layout of :mod:`fcn_jax.forecast_io`
+(dims ``(init_time, lead_time, [member], lat, lon)``, one variable per
+channel, physical units), also one made elsewhere; ``valid_time`` is derived
+from ``init_time + lead_time`` when absent. The truth at every valid time, the
+persistence forecast (the truth at ``init_time``, at every lead) and the
+climatology come from the store.
 
-both scored by the same code (spec §6), as a smoke test and as the bar a
-trained model has to clear.
+Writes ``DIR/scores.nc`` with data variables over ``(method, channel,
+lead_time)`` -- ``method`` holds ``model`` and each baseline, ``channel`` the
+channel names:
 
-Layouts: truth and forecast trajectories are ``[n_ic, steps+1, lat, lon,
-channel]`` in **normalised** units (entry 0 of the lead axis is the IC, lead
-``i`` is ``i * step_hours``); :func:`forecast_trajectories` produces that
-layout from a model. Per-channel ``mean``/``std`` are ``[channel]``
-(physical = normalised * std + mean). The climatology is in **physical** units,
-``[lat, lon, channel]`` (a time mean, FCN-style) or anything broadcastable to
-the trajectories (e.g. a valid-time climatology ``[n_ic, steps+1, lat, lon,
-channel]``).
+* ``rmse`` -- latitude-weighted RMSE, physical units; for an ensemble, of the
+  ensemble mean;
+* ``acc`` -- anomaly correlation against the climatology (not re-centred);
+  the climatology baseline has no anomaly, so its correlation is undefined:
+  reported as 0 (no skill), the conventional value;
+* ``bias`` (forecast - truth) and ``mae``, area means, physical units;
+* for ensembles: ``crps`` (fair estimator; a deterministic forecast is a
+  one-member ensemble, so the baselines' CRPS is their MAE), ``spread``
+  (sqrt of the IC-mean area-mean member variance, ddof 1),
+  ``ensemble_mean_rmse`` (sqrt of the IC-mean MSE of the ensemble mean) and
+  ``spread_skill`` = spread / ensemble_mean_rmse (WeatherBench 2's ratio); the
+  baselines have NaN there.
 
-Scores are computed in normalised units (better float32 conditioning) and
-RMSE is scaled by ``std`` into physical units; ACC is invariant under the
-normalisation because the climatology is normalised the same way.
+plus ``DIR/scores.csv`` (long format, ``lead_time_hours``) and plots: scores
+against lead time, spread-skill and rank histogram (ensembles), and maps of
+forecast, truth and error.
 
-The result is an ``xarray.Dataset`` with dims ``(method, lead_time_h,
-channel)``:
+Conventions (``--convention``):
 
-* ``rmse`` -- physical units, FCN order: sqrt per IC, then mean over ICs;
-* ``rmse_wb2`` -- physical units, WB2 order: sqrt of the IC-mean MSE;
-* ``acc`` -- mean over ICs of the per-IC ACC. The climatology baseline has no
-  anomaly at all, so its correlation is undefined; it is reported as 0 (no
-  skill), the conventional value.
+* ``fcn`` (FourCastNet): RMSE and ACC per initial condition, then the mean
+  over ICs; ACC and the climatology baseline use the store's time mean;
+  latitude weights ``cos(lat)`` of the true latitudes (the original's
+  assumed-pole-row quirk when the grid has a 90 deg row, see
+  :func:`fcn_jax.metrics.lat_weights`).
+* ``wb2`` (WeatherBench 2): RMSE = sqrt of the IC-mean MSE; ACC and the
+  climatology baseline use the day-of-year x hour climatology at the valid
+  time (time mean if the store has none); cell-area latitude weights.
 
-Select a method with a dict, ``scores.sel({"method": "model"})``:
-``sel(method=...)`` is taken by xarray as its *interpolation-method* argument.
+Scores are computed in the store's normalised units (better conditioned in
+float32) and scaled back by the channel std; ACC is invariant under it.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
-import os
+import sys
+import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax import metrics
-from fcn_jax.forecast import _atomic, rollout
+from fcn_jax.forecast_io import ForecastError, atomic_write, channel_units, forecast_channels, read_forecast
 
 __all__ = [
     "MAIN_CHANNELS",
-    "Scorer",
-    "score_forecasts",
-    "forecast_trajectories",
-    "initial_condition_starts",
-    "truth_trajectories",
+    "BASELINES",
+    "evaluate_forecast",
     "format_table",
-    "plot_scores",
-    "plot_forecast_vs_truth",
     "write_scores",
+    "initial_condition_starts",
+    "main",
 ]
 
 #: Channels shown by default in tables and plots, in order, when present.
-MAIN_CHANNELS: tuple[str, ...] = ("z500", "t850", "t2m", "u10", "v10", "msl", "tcwv", "r500")
+MAIN_CHANNELS: tuple[str, ...] = ("z500", "t850", "t2m", "u10", "v10", "msl", "sp", "tcwv", "r500", "tp")
 
 #: Leads (hours) shown by default in the table: 6 h, 1, 2, 3 and 5 days.
 DEFAULT_LEADS_H: tuple[int, ...] = (6, 24, 48, 72, 120)
 
+BASELINES: tuple[str, ...] = ("persistence", "climatology")
 
-# --------------------------------------------------------------------------- #
-# Trajectories
-# --------------------------------------------------------------------------- #
+_DET = ("mse", "acc", "bias", "mae")
 
 
 def initial_condition_starts(n_times: int, prediction_length: int, stride: int, num_ics: int = 0) -> np.ndarray:
     """IC start indices of the original: ``range(0, n_times - prediction_length, stride)``.
 
-    The exclusive stop reproduces ``inference.py`` exactly (the last start that
-    would still fit, ``n_times - prediction_length``, is never used).
-    ``num_ics > 0`` keeps the first ``num_ics``.
+    The exclusive stop reproduces ``inference.py`` (the last start that would
+    still fit is never used). ``num_ics > 0`` keeps the first ``num_ics``.
     """
     starts = np.arange(0, max(n_times - prediction_length, 0), stride)
     return starts[:num_ics] if num_ics > 0 else starts
 
 
-def truth_trajectories(series, starts: Sequence[int], prediction_length: int) -> np.ndarray:
-    """Windows ``[n_ic, prediction_length, lat, lon, channel]`` of ``series [time, lat, lon, channel]``."""
-    return np.stack([np.asarray(series[s : s + prediction_length]) for s in starts])
-
-
-def forecast_trajectories(model, x0, steps: int, batch_size: int | None = None):
-    """Model forecasts ``[n_ic, steps+1, lat, lon, channel]`` from ICs ``[n_ic, lat, lon, channel]``.
-
-    ICs are rolled out ``batch_size`` at a time (default: all at once) with
-    :func:`fcn_jax.forecast.rollout`; the result is gathered to host memory.
-    On a mesh, ``batch_size`` must be a multiple of the ``data`` axis.
-    """
-    x0 = np.asarray(x0) if not isinstance(x0, jax.Array) else x0
-    n = x0.shape[0]
-    bs = n if batch_size is None else int(batch_size)
-    out = []
-    for i in range(0, n, bs):
-        traj = rollout(model, x0[i : i + bs], steps)  # [steps+1, b, lat, lon, ch]
-        out.append(np.swapaxes(np.asarray(jax.device_get(traj)), 0, 1))
-    return np.concatenate(out, axis=0)
-
-
 # --------------------------------------------------------------------------- #
-# Scoring
+# Per-IC scores (one jitted function per chunk shape)
 # --------------------------------------------------------------------------- #
 
 
 @jax.jit
-def _per_ic(pred, truth, clim_norm, weights):
-    """MSE and ACC per (IC, lead, channel) in normalised units; pred broadcasts to truth."""
-    mse = metrics.weighted_mse(pred, truth, weights)
-    acc = metrics.weighted_acc(pred, truth, clim_norm, weights)
-    mse = jnp.broadcast_to(mse, truth.shape[:-3] + truth.shape[-1:])
-    return mse, jnp.broadcast_to(acc, mse.shape)
+def _det_scores(pred, truth, clim, w):
+    """``{mse, acc, bias, mae}`` each ``[ic, lead, channel]``; fields ``[ic, lead, lat, lon, channel]`` (pred/clim broadcast)."""
+    pred, truth = jnp.broadcast_arrays(pred, truth)
+    return {
+        "mse": metrics.weighted_mse(pred, truth, w),
+        "acc": metrics.weighted_acc(pred, truth, clim, w),
+        "bias": metrics.weighted_bias(pred, truth, w),
+        "mae": metrics.weighted_mae(pred, truth, w),
+    }
 
 
-class Scorer:
-    """Accumulates per-IC scores chunk by chunk; :meth:`result` gives the Dataset.
+@jax.jit
+def _ens_scores(members, truth, clim, w):
+    """Ensemble ``members [ic, lead, member, lat, lon, channel]`` vs ``truth [ic, lead, lat, lon, channel]``."""
+    out = _det_scores(jnp.mean(members, axis=2), truth, clim, w)
+    out["crps"] = metrics.weighted_crps(members, truth, w, axis=2, estimator="fair")
+    out["var"] = metrics.ensemble_variance(members, w, axis=2)
+    out["rank"] = jnp.sum(metrics.rank_counts(members, truth, axis=2), axis=0)  # [lead, channel, M+1]
+    return out
 
-    Streaming keeps memory bounded: a 0.25 deg, 41-lead, 20-channel trajectory
-    is 3.4 GB per IC, so 36 ICs never sit in memory together. Only the small
-    per-IC score arrays ``[n_ic, lead, channel]`` are kept.
 
-    Args:
-      mean, std: per-channel normalisation ``[channel]``.
-      climatology: physical units, broadcastable to ``[n_ic, steps+1, lat, lon,
-        channel]`` (normally the time mean ``[lat, lon, channel]``). A
-        climatology with an IC axis must match each chunk passed to :meth:`add`.
-      lat: latitudes in degrees ``[lat]`` (needed for ``weights="cos"``; may be
-        None for ``"fcn"``).
-      channels: channel names (default ``c0, c1, ...``).
-      step_hours: hours per lead step.
-      weights: ``"fcn"`` (the original's quirk), ``"cos"`` (true latitudes), or
-        an explicit ``[lat]`` / ``[lat, lon]`` array.
+# --------------------------------------------------------------------------- #
+# Evaluation of a file
+# --------------------------------------------------------------------------- #
+
+
+def _weights(lat, convention: str) -> np.ndarray:
+    lat = np.asarray(lat, np.float64)
+    if convention == "wb2":
+        return metrics.lat_weights(lat, scheme="wb2")
+    # FourCastNet's assumed-pole-row weights only where the grid really starts at a pole
+    scheme = "fcn" if abs(abs(lat[0]) - 90.0) < 1e-6 else "cos"
+    return metrics.lat_weights(lat, scheme=scheme)
+
+
+def _check_grid(fc, ds, path, store) -> None:
+    for ax in ("lat", "lon"):
+        a, b = np.asarray(fc[ax].values, np.float64), np.asarray(ds[ax].values, np.float64)
+        if a.shape != b.shape or not np.allclose(a, b, atol=1e-4):
+            raise ForecastError(f"{path}: its {ax} grid ({a.size} points, {a[0]:g} .. {a[-1]:g}) differs from the "
+                                f"truth store {store} ({b.size} points, {b[0]:g} .. {b[-1]:g}); regrid first")
+
+
+def _ts(t) -> str:
+    return str(np.datetime64(t, "s"))
+
+
+def _time_index(store_times, times, what) -> np.ndarray:
+    """Indices of ``times`` (any shape) in ``store_times``; error naming the first missing one."""
+    flat = times.reshape(-1)
+    pos = np.searchsorted(store_times, flat)
+    ok = (pos < store_times.size) & (store_times[np.minimum(pos, store_times.size - 1)] == flat)
+    if not ok.all():
+        bad = flat[~ok][0]
+        raise ForecastError(f"{what(bad)}: {_ts(bad)} is not in the truth store (it has {store_times.size} times "
+                            f"{_ts(store_times[0])} .. {_ts(store_times[-1])})")
+    return pos.reshape(times.shape)
+
+
+def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = BASELINES, convention: str = "fcn",
+                      channels: Sequence[str] | None = None, plots: bool = True, max_chunk_bytes: int = 1 << 29,
+                      progress: bool = False):
+    """Score ``forecast`` (path or Dataset in the forecast layout) against the store ``truth``.
+
+    Returns the scores ``xarray.Dataset`` (see the module doc); with ``out``
+    also writes ``scores.nc``, ``scores.csv``, ``rank_histogram.nc`` (ensembles)
+    and the plots there. Everything is checked before any score is computed
+    and nothing is written on error. ``max_chunk_bytes`` bounds the forecast
+    slice held in memory (as many ICs at once as fit, else one IC with its leads in chunks).
     """
+    import xarray as xr
 
-    def __init__(self, mean, std, climatology, lat=None, *, channels: Sequence[str] | None = None,
-                 step_hours: float = 6.0, weights="fcn"):
-        self.mean = np.asarray(mean, np.float32).reshape(-1)
-        self.std = np.asarray(std, np.float32).reshape(-1)
-        n_ch = self.std.size
-        clim = np.asarray(climatology, np.float32)
-        if clim.shape[-1] != n_ch:
-            raise ValueError(f"climatology has {clim.shape[-1]} channels, std has {n_ch} (layout [..., lat, lon, channel])")
-        self.clim_norm = (clim - self.mean) / self.std  # normalised like the fields
-        self.lat = None if lat is None else np.asarray(lat, np.float64)
-        self.channels = list(channels) if channels is not None else [f"c{i}" for i in range(n_ch)]
-        if len(self.channels) != n_ch:
-            raise ValueError(f"{len(self.channels)} channel names for {n_ch} channels")
-        self.step_hours = float(step_hours)
-        self.weights_spec = weights
-        self._weights = None
-        self._mse: dict[str, list[np.ndarray]] = {}
-        self._acc: dict[str, list[np.ndarray]] = {}
+    from fcn_jax.data.store import climatology_at, open_store, store_stats
 
-    def _get_weights(self, n_lat: int):
-        if self._weights is None:
-            if isinstance(self.weights_spec, str):
-                self._weights = metrics.lat_weights(self.lat, n_lat, scheme=self.weights_spec)
+    if convention not in ("fcn", "wb2"):
+        raise ForecastError(f"--convention must be 'fcn' or 'wb2', got {convention!r}")
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ForecastError(f"--baselines {bad} unknown; choose from {list(BASELINES)}")
+    t0 = time.perf_counter()
+    path = forecast if isinstance(forecast, (str, Path)) else "forecast"
+    fc = read_forecast(forecast) if isinstance(forecast, (str, Path)) else forecast
+    ds = open_store(truth)
+    _check_grid(fc, ds, path, truth)
+    have = forecast_channels(fc)
+    if channels is not None:
+        missing = [c for c in channels if c not in have]
+        if missing:
+            raise ForecastError(f"{path}: channels {missing} not in the forecast; it has {have}")
+        have = list(channels)
+    store_names = [str(c) for c in ds["channel"].values]
+    missing = [c for c in have if c not in store_names]
+    if missing:
+        raise ForecastError(f"{path}: channel(s) {missing} of the forecast are not in the truth store {truth} "
+                            f"(it has {store_names})")
+    chans = list(have)
+    ci = [store_names.index(c) for c in chans]
+    st = ds["time"].values.astype("datetime64[ns]")
+    init = fc["init_time"].values.astype("datetime64[ns]")
+    lead = fc["lead_time"].values.astype("timedelta64[ns]")
+    valid = init[:, None] + lead[None, :]
+    lead_h = lead / np.timedelta64(1, "h")
+    vidx = _time_index(st, valid, lambda v: f"{path}: valid time of lead "
+                       f"{lead_h[np.argwhere(valid == v)[0][1]]:g} h from init "
+                       f"{_ts(init[np.argwhere(valid == v)[0][0]])} (past the end of the data?)")
+    iidx = _time_index(st, init, lambda v: f"{path}: init_time") if "persistence" in baselines else None
+    mean, std = store_stats(truth, chans)
+    ensemble = "member" in fc.dims
+    n_mem = int(fc.sizes.get("member", 0))
+    w = _weights(fc["lat"].values, convention)
+    fields = ds["fields"]
+    tmean = np.asarray(ds["time_mean"].isel(channel=ci).transpose("lat", "lon", "channel").values, np.float32)
+    tmean_n = (tmean - mean) / std
+    nlat, nlon = fc.sizes["lat"], fc.sizes["lon"]
+    per_lead = nlat * nlon * len(chans) * 4 * max(n_mem, 1)
+    lc = int(max(1, min(len(lead), max_chunk_bytes // per_lead)))
+    methods = ["model"] + list(baselines)
+    acc_store = {m: {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in _DET} for m in methods}
+    ens_store = {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in ("crps", "var")}
+    ranks = np.zeros((len(lead), len(chans), n_mem + 1), np.int64) if ensemble else None
+
+    def norm(x):
+        return (np.asarray(x, np.float32) - mean) / std
+
+    def read_truth(tidx):  # [n, lat, lon, ch] normalised
+        x = fields.isel(time=xr.DataArray(np.asarray(tidx).reshape(-1), dims="t"), channel=ci)
+        return norm(x.transpose("t", "lat", "lon", "channel").values)
+
+    n_init = len(init)
+    ic_chunk = int(max(1, max_chunk_bytes // (per_lead * len(lead)))) if lc == len(lead) else 1
+    chunks = [(i0, min(i0 + ic_chunk, n_init)) for i0 in range(0, n_init, ic_chunk)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="evaluate")
+    for i0, i1 in chunks:  # ICs [i0, i1) x leads in chunks of lc: one read per channel and chunk
+        n = i1 - i0
+        pers = read_truth(iidx[i0:i1])[:, None] if iidx is not None else None  # [n, 1, lat, lon, ch]
+        for l0 in range(0, len(lead), lc):
+            sl = slice(l0, min(l0 + lc, len(lead)))
+            L = sl.stop - sl.start
+            f = np.stack([np.asarray(fc[c].isel(init_time=slice(i0, i1), lead_time=sl).values, np.float32)
+                          for c in chans], -1)
+            f = norm(f)  # [n, L, (M), lat, lon, ch]
+            y = read_truth(vidx[i0:i1, sl]).reshape((n, L) + f.shape[-3:])  # [n, L, lat, lon, ch]
+            if convention == "wb2":
+                cl = climatology_at(ds, valid[i0:i1, sl].reshape(-1)).isel(channel=ci)
+                clim = norm(cl.transpose("time", "lat", "lon", "channel").values).reshape(y.shape)
             else:
-                self._weights = np.asarray(self.weights_spec, np.float32)
-        return self._weights
+                clim = tmean_n[None, None]
+            res = jax.device_get(_ens_scores(f, y, clim, w) if ensemble else _det_scores(f, y, clim, w))
+            for k in _DET:
+                acc_store["model"][k][i0:i1, sl] = res[k]
+            if ensemble:
+                ens_store["crps"][i0:i1, sl] = res["crps"]
+                ens_store["var"][i0:i1, sl] = res["var"]
+                ranks[sl] += np.asarray(res["rank"], np.int64)
+            for b in baselines:
+                pred = pers if b == "persistence" else clim
+                rb = jax.device_get(_det_scores(pred, y, clim, w))
+                for k in _DET:
+                    acc_store[b][k][i0:i1, sl] = rb[k]
+    scores = _assemble(acc_store, ens_store if ensemble else None, methods, chans, lead, std, convention)
+    scores.attrs.update({"n_ic": len(init), "convention": convention, "members": n_mem,
+                         "lat_weights": "wb2 cell area" if convention == "wb2" else
+                         ("fcn" if abs(abs(float(fc['lat'].values[0])) - 90) < 1e-6 else "cos"),
+                         "forecast": str(path), "truth": str(truth)})
+    if out is not None:
+        out = Path(out)
+        write_scores(scores, out / "scores")
+        if ensemble:
+            rh = xr.Dataset({"rank_histogram": (("lead_time", "channel", "rank"), ranks)},
+                            coords={"lead_time": lead, "channel": chans, "rank": np.arange(n_mem + 1)})
+            atomic_write(out / "rank_histogram.nc", lambda tmp: rh.to_netcdf(tmp, engine="netcdf4"))
+        if plots:
+            from fcn_jax import plots as P
 
-    def add(self, truth, forecasts=None) -> "Scorer":
-        """Score one chunk of ICs.
+            show = [c for c in MAIN_CHANNELS if c in chans][:4] or chans[:4]
+            P.plot_scores(scores, out / "scores_vs_lead.png", channels=show)
+            if ensemble:
+                P.plot_spread_skill(scores, out / "spread_skill.png", channels=show)
+                P.plot_rank_histogram(ranks, lead, chans, out / "rank_histogram.png", channels=show)
+            j = int(min(4, len(lead) - 1))  # 24 h at 6-hourly leads
+            c = show[0]
+            fmap = fc[c].isel(init_time=0, lead_time=j)
+            if ensemble:
+                fmap = fmap.mean("member")
+            tmap = fields.isel(time=int(vidx[0, j]), channel=store_names.index(c))
+            P.plot_map_triplet(np.asarray(fmap.values), np.asarray(tmap.values), fc["lat"].values,
+                               fc["lon"].values, out / f"map_{c}.png",
+                               title=f"{c}{' ensemble mean' if ensemble else ''}, init {init[0]}, lead "
+                                     f"{lead_h[j]:g} h", units=channel_units([c])[0])
+    if progress:
+        print(f"scored {len(init)} ICs x {len(lead)} leads x {len(chans)} channels"
+              f"{f' x {n_mem} members' if ensemble else ''} ({time.perf_counter() - t0:.1f} s)")
+    return scores
 
-        Args:
-          truth: ``[n, steps+1, lat, lon, channel]`` normalised (NumPy or jax,
-            possibly sharded).
-          forecasts: ``None`` (baselines only), one array of ``truth``'s shape
-            (method ``"model"``), or ``{method name: array}``.
-        """
-        truth = jnp.asarray(truth, jnp.float32) if not isinstance(truth, jax.Array) else truth
-        if truth.ndim != 5:
-            raise ValueError(f"truth must be [n_ic, steps+1, lat, lon, channel], got {truth.shape}")
-        if forecasts is None:
-            forecasts = {}
-        elif not isinstance(forecasts, Mapping):
-            forecasts = {"model": forecasts}
-        w = self._get_weights(truth.shape[-3])
-        clim = jnp.asarray(self.clim_norm)
-        preds = dict(forecasts)
-        preds["persistence"] = truth[:, :1]  # the IC, broadcast over leads
-        preds["climatology"] = clim  # broadcast inside the metric, never materialised per lead
-        for name, pred in preds.items():
-            if name not in ("persistence", "climatology") and tuple(pred.shape) != tuple(truth.shape):
-                raise ValueError(f"forecast {name!r} has shape {tuple(pred.shape)}, truth {tuple(truth.shape)}")
-            mse, acc = _per_ic(pred, truth, clim, w)
-            mse, acc = np.asarray(jax.device_get(mse)), np.asarray(jax.device_get(acc))
-            if name == "climatology":
-                acc = np.zeros_like(acc)  # zero anomaly: undefined correlation, no skill
-            self._mse.setdefault(name, []).append(mse)
-            self._acc.setdefault(name, []).append(acc)
-        return self
 
-    def per_ic(self) -> dict[str, dict[str, np.ndarray]]:
-        """``{method: {"rmse": [n_ic, lead, ch] physical, "acc": [n_ic, lead, ch]}}``."""
-        return {
-            m: {"rmse": np.sqrt(np.concatenate(self._mse[m])) * self.std, "acc": np.concatenate(self._acc[m])}
-            for m in self._mse
-        }
+def _assemble(det, ens, methods, chans, lead, std, convention):
+    """The scores Dataset from per-IC normalised sums ``[n_ic, lead, channel]``."""
+    import xarray as xr
 
-    def result(self):
-        """The scores as an ``xarray.Dataset`` (dims ``method, lead_time_h, channel``)."""
-        import xarray as xr
+    std = np.asarray(std, np.float64)
+    dims = ("method", "channel", "lead_time")
 
-        if not self._mse:
-            raise ValueError("no ICs scored yet: call add() first")
-        order = [m for m in self._mse if m not in ("persistence", "climatology")] + ["persistence", "climatology"]
-        mse = np.stack([np.concatenate(self._mse[m]) for m in order])  # [method, n_ic, lead, ch]
-        acc = np.stack([np.concatenate(self._acc[m]) for m in order])
-        n_ic, n_lead = mse.shape[1], mse.shape[2]
-        rmse_fcn = (np.sqrt(mse) * self.std).mean(axis=1)
-        rmse_wb2 = np.sqrt(mse.mean(axis=1)) * self.std
-        leads = np.arange(n_lead) * self.step_hours
-        leads = leads.astype(np.int64) if np.all(leads == np.round(leads)) else leads
-        units = _units(self.channels)
-        dims = ("method", "lead_time_h", "channel")
-        ds = xr.Dataset(
-            {
-                "rmse": (dims, rmse_fcn.astype(np.float32),
-                         {"long_name": "latitude-weighted RMSE, sqrt per IC then mean over ICs (FourCastNet)",
-                          "units": "channel units"}),
-                "rmse_wb2": (dims, rmse_wb2.astype(np.float32),
-                             {"long_name": "latitude-weighted RMSE, sqrt of the IC-mean MSE (WeatherBench 2)",
-                              "units": "channel units"}),
-                "acc": (dims, acc.mean(axis=1).astype(np.float32),
-                        {"long_name": "latitude-weighted ACC vs climatology, not re-centred, mean over ICs",
-                         "units": "1"}),
-            },
-            coords={
-                "method": ("method", order),
-                "lead_time_h": ("lead_time_h", leads, {"units": "hours"}),
-                "channel": ("channel", self.channels),
-                "units": ("channel", units),
-            },
-        )
-        ds.attrs.update({
-            "n_ic": int(n_ic),
-            "lat_weights": self.weights_spec if isinstance(self.weights_spec, str) else "custom",
-            "climatology_acc": "set to 0: the climatology forecast has no anomaly",
+    def t(a):  # [method, lead, ch] -> [method, ch, lead]
+        return np.swapaxes(np.asarray(a, np.float64), -1, -2).astype(np.float32)
+
+    mse = np.stack([det[m]["mse"] for m in methods])  # [method, ic, lead, ch]
+    rmse = np.sqrt(mse).mean(axis=1) * std if convention == "fcn" else np.sqrt(mse.mean(axis=1)) * std
+    acc = np.stack([det[m]["acc"] for m in methods]).mean(axis=1)
+    if "climatology" in methods:
+        acc[methods.index("climatology")] = 0.0  # no anomaly: undefined correlation, reported as no skill
+    data = {
+        "rmse": (dims, t(rmse), {"long_name": "latitude-weighted RMSE" + (" of the ensemble mean" if ens else ""),
+                                 "convention": "sqrt per IC, then mean" if convention == "fcn" else
+                                 "sqrt of the IC-mean MSE"}),
+        "acc": (dims, t(acc), {"long_name": "latitude-weighted anomaly correlation", "units": "1"}),
+        "bias": (dims, t(np.stack([det[m]["bias"] for m in methods]).mean(axis=1) * std),
+                 {"long_name": "area-mean forecast - truth"}),
+        "mae": (dims, t(np.stack([det[m]["mae"] for m in methods]).mean(axis=1) * std),
+                {"long_name": "area-mean absolute error"}),
+    }
+    if ens is not None:
+        nan = np.full((len(lead), len(chans)), np.nan)
+        crps = [ens["crps"].mean(axis=0) * std] + [det[m]["mae"].mean(axis=0) * std for m in methods[1:]]
+        spread = np.sqrt(ens["var"].mean(axis=0)) * std
+        em_rmse = np.sqrt(det["model"]["mse"].mean(axis=0)) * std
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ssr = spread / em_rmse
+        pad = [nan] * (len(methods) - 1)
+        data.update({
+            "crps": (dims, t(np.stack(crps)), {"long_name": "fair CRPS (baselines: one-member ensembles, = MAE)"}),
+            "spread": (dims, t(np.stack([spread] + pad)), {"long_name": "sqrt of mean ensemble variance (ddof 1)"}),
+            "ensemble_mean_rmse": (dims, t(np.stack([em_rmse] + pad)),
+                                   {"long_name": "sqrt of the IC-mean MSE of the ensemble mean"}),
+            "spread_skill": (dims, t(np.stack([ssr] + pad)),
+                             {"long_name": "spread / ensemble_mean_rmse", "units": "1"}),
         })
-        return ds
-
-
-def score_forecasts(truth, forecast, mean, std, climatology, lat=None, *, channels=None,
-                    step_hours: float = 6.0, weights="fcn", ic_chunk: int | None = None):
-    """RMSE (physical) and ACC of model, persistence and climatology; see the module doc.
-
-    Args:
-      truth: ``[n_ic, steps+1, lat, lon, channel]`` normalised.
-      forecast: same shape (method ``"model"``), ``{name: array}``, or None.
-      mean, std: ``[channel]``; climatology: physical, ``[lat, lon, channel]``.
-      lat: latitudes in degrees ``[lat]``.
-      ic_chunk: ICs moved to the device per step (default all; lower to bound
-        memory for NumPy inputs).
-
-    Returns:
-      ``xarray.Dataset`` with ``rmse``, ``rmse_wb2``, ``acc`` over ``(method,
-      lead_time_h, channel)``.
-    """
-    scorer = Scorer(mean, std, climatology, lat, channels=channels, step_hours=step_hours, weights=weights)
-    n = truth.shape[0]
-    chunk = n if ic_chunk is None else int(ic_chunk)
-    if forecast is not None and not isinstance(forecast, Mapping):
-        forecast = {"model": forecast}
-    for i in range(0, n, chunk):
-        sl = slice(i, i + chunk)
-        scorer.add(truth[sl], None if forecast is None else {k: v[sl] for k, v in forecast.items()})
-    return scorer.result()
-
-
-def _units(channels):
-    from fcn_jax.forecast import _channel_units
-
-    return [u or "?" for u in _channel_units(channels)]
+    units = [u or "?" for u in channel_units(chans)]
+    ds = xr.Dataset(data, coords={"method": ("method", methods), "channel": ("channel", chans),
+                                  "lead_time": ("lead_time", np.asarray(lead, "timedelta64[ns]")),
+                                  "units": ("channel", units)})
+    for v in ("rmse", "bias", "mae", "crps", "spread", "ensemble_mean_rmse"):
+        if v in ds:
+            ds[v].attrs["units"] = "channel units (see the units coordinate)"
+    return ds
 
 
 # --------------------------------------------------------------------------- #
@@ -290,55 +353,13 @@ def _units(channels):
 # --------------------------------------------------------------------------- #
 
 
-def _pick_channels(scores, channels):
-    names = [str(c) for c in scores.channel.values]
-    if channels is None:
-        main = [c for c in MAIN_CHANNELS if c in names]
-        return main or names[: min(4, len(names))]
-    missing = [c for c in channels if c not in names]
-    if missing:
-        raise ValueError(f"channels {missing} not in the scores (have {names})")
-    return list(channels)
+def _hours(scores) -> np.ndarray:
+    return scores["lead_time"].values / np.timedelta64(1, "h")
 
 
 def _lead_label(h) -> str:
     h = float(h)
-    if h >= 24 and h % 24 == 0:
-        return f"{int(h // 24)} d"
-    return f"{h:g} h"
-
-
-def format_table(scores, channels: Sequence[str] | None = None, leads_h: Sequence[float] = DEFAULT_LEADS_H) -> str:
-    """Plain-text table of RMSE and ACC for every method at chosen leads.
-
-    One row per (channel, lead); RMSE columns then ACC columns, one per method
-    (model(s), persistence, climatology). Leads not in ``scores`` are skipped.
-    RMSE is in the channel's physical units (FCN order: sqrt per IC).
-    """
-    channels = _pick_channels(scores, channels)
-    methods = [str(m) for m in scores.method.values]
-    avail = [float(v) for v in scores.lead_time_h.values]
-    leads = [l for l in leads_h if float(l) in avail]
-    units = dict(zip([str(c) for c in scores.channel.values], [str(u) for u in scores.units.values])) \
-        if "units" in scores.coords else {}
-    w = max(11, max(len(m) for m in methods) + 1)
-    head1 = f"{'channel':<8} {'units':<11} {'lead':>5} | " + "RMSE".center(w * len(methods)) + " | " \
-        + "ACC".center(w * len(methods))
-    head2 = f"{'':<8} {'':<11} {'':>5} | " + "".join(f"{m:>{w}}" for m in methods) + " | " \
-        + "".join(f"{m:>{w}}" for m in methods)
-    lines = [head1, head2, "-" * len(head2)]
-    for c in channels:
-        for l in leads:
-            r = scores.rmse.sel(channel=c, lead_time_h=l)
-            a = scores.acc.sel(channel=c, lead_time_h=l)
-            row = f"{c:<8} {units.get(c, ''):<11} {_lead_label(l):>5} | "
-            row += "".join(f"{_fmt(float(r.sel({'method': m}))):>{w}}" for m in methods) + " | "
-            row += "".join(f"{float(a.sel({'method': m})):>{w}.3f}" for m in methods)
-            lines.append(row)
-    n_ic = scores.attrs.get("n_ic")
-    lines.append(f"(latitude-weighted, {scores.attrs.get('lat_weights', '?')} weights"
-                 + (f", mean over {n_ic} ICs" if n_ic is not None else "") + ")")
-    return "\n".join(lines)
+    return f"{int(h // 24)} d" if h >= 24 and h % 24 == 0 else f"{h:g} h"
 
 
 def _fmt(x: float) -> str:
@@ -347,124 +368,94 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
 
 
-def _figure(nrows, ncols, size):
-    # Figure + Agg canvas directly: no pyplot global state (safe in threads and headless)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, constrained_layout=True)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
-
-
-def _save(fig, path) -> Path:
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=110))
-
-
-def plot_scores(scores, path: str | os.PathLike, channels: Sequence[str] | None = None) -> Path:
-    """PNG of RMSE (top row) and ACC (bottom row) against lead time, one column per channel.
-
-    Every method in ``scores`` is one line (model, persistence, climatology).
-    Written atomically; returns the path.
-    """
-    channels = _pick_channels(scores, channels)
-    fig, axes = _figure(2, len(channels), (3.6 * len(channels), 6.0))
-    days = np.asarray(scores.lead_time_h.values, np.float64) / 24.0
-    styles = {"persistence": dict(ls="--", color="0.4"), "climatology": dict(ls=":", color="0.2")}
-    units = dict(zip(map(str, scores.channel.values), map(str, scores.units.values))) if "units" in scores.coords else {}
-    for j, c in enumerate(channels):
-        for m in map(str, scores.method.values):
-            kw = styles.get(m, {})
-            axes[0, j].plot(days, scores.rmse.sel({"channel": c, "method": m}).values, label=m, **kw)
-            axes[1, j].plot(days, scores.acc.sel({"channel": c, "method": m}).values, label=m, **kw)
-        axes[0, j].set_title(c)
-        axes[0, j].set_ylabel(f"RMSE [{units.get(c, '')}]")
-        axes[1, j].set_ylabel("ACC")
-        axes[1, j].set_xlabel("lead time [days]")
-        axes[1, j].set_ylim(min(-0.05, float(np.nanmin(scores.acc.sel(channel=c).values)) - 0.05), 1.02)
-        for ax in axes[:, j]:
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize="small")
-    return _save(fig, path)
+def format_table(scores, channels: Sequence[str] | None = None, leads_h: Sequence[float] = DEFAULT_LEADS_H) -> str:
+    """Plain-text table: RMSE and ACC per method, and for ensembles CRPS per method and the spread-skill ratio."""
+    names = [str(c) for c in scores.channel.values]
+    channels = [c for c in (channels or MAIN_CHANNELS) if c in names] or names[:4]
+    methods = [str(m) for m in scores.method.values]
+    hours = list(_hours(scores))
+    leads = [l for l in leads_h if float(l) in hours]
+    units = dict(zip(names, map(str, scores.units.values))) if "units" in scores.coords else {}
+    ens = "crps" in scores
+    w = max(11, max(len(m) for m in methods) + 1)
+    blocks = [("RMSE", "rmse"), ("ACC", "acc")] + ([("CRPS", "crps")] if ens else [])
+    head1 = f"{'channel':<8} {'units':<10} {'lead':>5} | " + " | ".join(t.center(w * len(methods)) for t, _ in blocks)
+    head2 = f"{'':<8} {'':<10} {'':>5} | " + " | ".join("".join(f"{m:>{w}}" for m in methods) for _ in blocks)
+    if ens:
+        head1 += " | " + "spread/skill".rjust(12)
+        head2 += " | " + "model".rjust(12)
+    lines = [head1, head2, "-" * len(head2)]
+    for c in channels:
+        for l in leads:
+            j = hours.index(float(l))
+            row = f"{c:<8} {units.get(c, ''):<10} {_lead_label(l):>5} | "
+            cells = []
+            for _, v in blocks:
+                vals = scores[v].sel(channel=c).isel(lead_time=j)
+                fmt = (lambda x: f"{x:.3f}") if v == "acc" else _fmt
+                cells.append("".join(f"{fmt(float(vals.sel({'method': m}))):>{w}}" for m in methods))
+            row += " | ".join(cells)
+            if ens:
+                row += " | " + f"{float(scores['spread_skill'].sel({'method': 'model', 'channel': c}).isel(lead_time=j)):>12.3f}"
+            lines.append(row)
+    n_ic = scores.attrs.get("n_ic")
+    lines.append(f"({scores.attrs.get('convention', '?')} convention, {scores.attrs.get('lat_weights', '?')} "
+                 f"latitude weights" + (f", {n_ic} ICs" if n_ic is not None else "")
+                 + (f", {scores.attrs.get('members')} members, fair CRPS" if ens else "") + ")")
+    return "\n".join(lines)
 
 
-def plot_forecast_vs_truth(forecast, truth, lat, lon, channel, lead, path: str | os.PathLike, *,
-                           channels: Sequence[str] | None = None, step_hours: float = 6.0,
-                           units: str | None = None, title: str | None = None) -> Path:
-    """PNG of forecast | truth | forecast - truth maps for one channel and lead.
-
-    Args:
-      forecast, truth: one IC's trajectories ``[lead, lat, lon, channel]``
-        (``lead`` indexes axis 0), or single states ``[lat, lon, channel]``
-        (``lead`` only labels the plot). Pass physical units for physical
-        colour bars.
-      lat, lon: coordinates in degrees (any latitude order).
-      channel: index, or name looked up in ``channels``.
-      lead: lead index (step number).
-    """
-    f, t = np.asarray(forecast, np.float32), np.asarray(truth, np.float32)
-    if f.shape != t.shape:
-        raise ValueError(f"forecast {f.shape} and truth {t.shape} differ")
-    if isinstance(channel, str):
-        if channels is None:
-            raise ValueError("a channel name needs the `channels` list")
-        name, ci = channel, list(channels).index(channel)
-    else:
-        ci = int(channel)
-        name = channels[ci] if channels is not None else f"channel {ci}"
-    if f.ndim == 4:
-        f, t = f[lead], t[lead]
-    elif f.ndim != 3:
-        raise ValueError(f"expected [lead, lat, lon, channel] or [lat, lon, channel], got {f.shape}")
-    f, t = f[..., ci], t[..., ci]
-    lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
-    if units is None:
-        from fcn_jax.forecast import _channel_units
-
-        units = _channel_units([name])[0]
-    # imshow draws row 0 at the top: north-first data use origin "upper"
-    origin = "upper" if lat[0] > lat[-1] else "lower"
-    # pixel centres sit on the coordinates: extend the image by half a cell on each side
-    dlon = abs(lon[1] - lon[0]) / 2 if lon.size > 1 else 0.5
-    dlat = abs(lat[1] - lat[0]) / 2 if lat.size > 1 else 0.5
-    extent = [lon.min() - dlon, lon.max() + dlon, lat.min() - dlat, lat.max() + dlat]
-    vmin, vmax = float(min(f.min(), t.min())), float(max(f.max(), t.max()))
-    d = f - t
-    dmax = float(np.abs(d).max()) or 1.0
-    fig, axes = _figure(1, 3, (15, 3.8))
-    lead_h = lead * step_hours
-    panels = [(f, f"forecast +{_lead_label(lead_h)}", "viridis", vmin, vmax),
-              (t, "truth", "viridis", vmin, vmax),
-              (d, "forecast - truth", "RdBu_r", -dmax, dmax)]
-    for ax, (img, ttl, cmap, lo, hi) in zip(axes[0], panels):
-        im = ax.imshow(img, origin=origin, extent=extent, cmap=cmap, vmin=lo, vmax=hi, aspect="auto",
-                       interpolation="nearest")
-        ax.set_title(ttl)
-        ax.set_xlabel("longitude [deg E]")
-        fig.colorbar(im, ax=ax, shrink=0.85, label=units)
-    axes[0, 0].set_ylabel("latitude [deg N]")
-    fig.suptitle(title or f"{name}, lead {_lead_label(lead_h)}")
-    return _save(fig, path)
-
-
-def write_scores(scores, path_stem: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``<stem>.csv`` (long format: method, lead_time_h, channel, scores) and ``<stem>.nc``.
-
-    Both files are written to a temporary name and renamed into place.
-    """
+def write_scores(scores, path_stem) -> tuple[Path, Path]:
+    """Write ``<stem>.nc`` and ``<stem>.csv`` (long format with ``lead_time_hours``), each atomically."""
     stem = Path(path_stem)
     if stem.suffix in (".csv", ".nc"):
         stem = stem.with_suffix("")
     df = scores.to_dataframe().reset_index()
+    df.insert(df.columns.get_loc("lead_time"), "lead_time_hours", df["lead_time"] / np.timedelta64(1, "h"))
+    df = df.drop(columns=["lead_time"])
     buf = io.StringIO()
     df.to_csv(buf, index=False, float_format="%.7g")
     text = buf.getvalue()
-
-    def _write_csv(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    csv = _atomic(stem.with_name(stem.name + ".csv"), _write_csv)
-    nc = _atomic(stem.with_name(stem.name + ".nc"), lambda tmp: scores.to_netcdf(tmp, engine="netcdf4"))
+    csv = atomic_write(stem.with_name(stem.name + ".csv"), lambda tmp: Path(tmp).write_text(text))
+    nc = atomic_write(stem.with_name(stem.name + ".nc"), lambda tmp: scores.to_netcdf(tmp, engine="netcdf4"))
     return csv, nc
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fcn_jax.evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("forecast", help="forecast file (.nc or .zarr) in the forecast layout")
+    ap.add_argument("--truth", required=True, help="prepared store with the verifying data, or 'world'")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--baselines", default="persistence,climatology", help="comma list, or 'none'")
+    ap.add_argument("--convention", choices=["fcn", "wb2"], default="fcn")
+    ap.add_argument("--channels", default=None, help="comma list (default: every forecast channel)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    from fcn_jax.data.errors import DataError
+
+    baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",")]
+    try:
+        truth = args.truth
+        if truth == "world":
+            from fcn_jax.data.store import resolve_store
+
+            truth = resolve_store("world")
+        scores = evaluate_forecast(args.forecast, truth, args.out, baselines=baselines, convention=args.convention,
+                                   channels=args.channels.split(",") if args.channels else None,
+                                   plots=not args.no_plots, progress=True)
+    except (ForecastError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(scores))
+    print(f"scores in {Path(args.out) / 'scores.nc'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

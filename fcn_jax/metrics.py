@@ -53,6 +53,7 @@ __all__ = [
     "ensemble_variance",
     "ensemble_mean_mse",
     "spread_skill",
+    "rank_counts",
 ]
 
 _F32 = jnp.float32
@@ -64,7 +65,7 @@ _F32 = jnp.float32
 
 
 def lat_weights(
-    lat_deg=None, n_lat: int | None = None, scheme: Literal["fcn", "cos"] = "fcn"
+    lat_deg=None, n_lat: int | None = None, scheme: Literal["fcn", "cos", "wb2"] = "fcn"
 ) -> np.ndarray:
     """Latitude weights ``[lat]``, float32, mean 1 (evaluation spec §1).
 
@@ -85,6 +86,12 @@ def lat_weights(
         * ``"cos"`` -- ``cos(lat_deg)`` of the true latitudes, normalised to
           mean 1 (WeatherBench 1). Identical to WeatherBench 2's cell-area
           weights on grids without pole rows.
+        * ``"wb2"`` -- WeatherBench 2's cell-area weights
+          (``get_lat_weights``): each row stands for the band
+          ``[lat - d/2, lat + d/2]`` (``d`` the grid spacing) clipped to
+          +-90 deg, weight ``sin(top) - sin(bottom)``, normalised to mean 1.
+          Equal to ``"cos"`` up to a constant factor on grids without pole
+          rows; a pole row gets the area of its half-band instead of 0.
 
     Returns:
       NumPy float32 ``[lat]``; it broadcasts against ``[..., lat, lon, channel]``
@@ -102,12 +109,22 @@ def lat_weights(
         if n_lat < 2:
             raise ValueError(f"the fcn scheme needs n_lat >= 2, got {n_lat}")
         lat = 90.0 - np.arange(n_lat, dtype=np.float64) * 180.0 / (n_lat - 1)
+    elif scheme == "wb2":
+        if lat_deg is None or lat_deg.size < 2:
+            raise ValueError("scheme='wb2' needs the true latitudes lat_deg (>= 2 rows)")
+        d = np.abs(np.diff(lat_deg))
+        if not np.allclose(d, d[0], rtol=1e-3):
+            raise ValueError("scheme='wb2' needs equally spaced latitudes (cell bands of one width)")
+        half = np.deg2rad(d[0]) / 2
+        phi = np.deg2rad(lat_deg)
+        area = np.sin(np.clip(phi + half, -np.pi / 2, np.pi / 2)) - np.sin(np.clip(phi - half, -np.pi / 2, np.pi / 2))
+        return (area / area.mean()).astype(np.float32)
     elif scheme == "cos":
         if lat_deg is None:
             raise ValueError("scheme='cos' needs the true latitudes lat_deg")
         lat = lat_deg
     else:
-        raise ValueError(f"scheme must be 'fcn' or 'cos', got {scheme!r}")
+        raise ValueError(f"scheme must be 'fcn', 'cos' or 'wb2', got {scheme!r}")
     c = np.cos(np.deg2rad(lat))
     c = np.where(np.abs(c) < 1e-12, 0.0, c)  # cos(+-90 deg) is 6e-17 in floating point: make it 0
     return (n_lat * c / c.sum()).astype(np.float32)
@@ -352,3 +369,23 @@ def spread_skill(members, truth, weights=None, axis: int = 0, sample_axes=(), de
         mse = jnp.mean(mse, axis=tuple(sample_axes))
     spread, skill = jnp.sqrt(var), jnp.sqrt(jnp.maximum(mse, 0.0))
     return {"spread": spread, "skill": skill, "ratio": spread / skill}
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _rank_counts(x, y, axis):
+    m = x.shape[axis]
+    rank = jnp.sum(x < jnp.expand_dims(y, axis), axis=axis)  # [..., lat, lon, channel] in 0..M
+    onehot = rank[..., None] == jnp.arange(m + 1)  # [..., lat, lon, channel, M+1]
+    return jnp.sum(onehot, axis=(-4, -3), dtype=jnp.int32)
+
+
+def rank_counts(members, truth, axis: int = 0):
+    """Rank-histogram counts ``[..., channel, M+1]``: how often the truth has rank r among the M members.
+
+    The rank of the truth at a grid point is the number of members below it
+    (0..M); counts are summed over ``(lat, lon)`` (unweighted, every grid point
+    one sample). A reliable ensemble has a flat histogram. ``truth [..., lat,
+    lon, channel]``; ``members`` has the member axis at ``axis``.
+    """
+    x = jnp.asarray(members, _F32)
+    return _rank_counts(x, jnp.asarray(truth, _F32), axis % x.ndim)

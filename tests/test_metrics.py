@@ -207,3 +207,36 @@ def test_sharded_equals_unsharded(devices):
         sharded = scores(ps, ts, cs, ms)
     for k in plain:
         np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(plain[k]), rtol=2e-6, atol=1e-7, err_msg=k)
+
+
+# --------------------------------------------------------------------------- #
+# WeatherBench 2 weights and rank histograms
+# --------------------------------------------------------------------------- #
+
+
+def test_wb2_cell_area_weights():
+    # cell-centred grid (bands tile the sphere, none clipped): proportional to cos(lat), like "cos"
+    centred = np.linspace(90 - 5.625, -90 + 5.625, 16)
+    np.testing.assert_allclose(metrics.lat_weights(centred, scheme="wb2"), metrics.lat_weights(centred, scheme="cos"),
+                               rtol=1e-5)
+    # with pole rows (721-like grid): the pole row gets its half-band's area, sin(90) - sin(90 - d/2)
+    lat = np.linspace(90, -90, 19)
+    w = metrics.lat_weights(lat, scheme="wb2").astype(np.float64)
+    h = np.deg2rad(5.0)
+    band = np.array([1 - np.sin(np.pi / 2 - h)] + [np.sin(np.deg2rad(l) + h) - np.sin(np.deg2rad(l) - h)
+                                                   for l in lat[1:-1]] + [1 - np.sin(np.pi / 2 - h)])
+    np.testing.assert_allclose(w, band / band.mean(), rtol=1e-5)
+    assert w[0] > 0 and abs(w.mean() - 1) < 1e-6
+    with pytest.raises(ValueError, match="equally spaced"):
+        metrics.lat_weights(np.array([0.0, 10.0, 30.0]), scheme="wb2")
+
+
+def test_rank_counts_known_cases():
+    members = np.arange(1, 4, dtype=np.float32).reshape(3, 1, 1, 1) * np.ones((3, 2, 2, 1), np.float32)  # 1, 2, 3
+    truth = np.array([[0.5, 1.5], [2.5, 9.0]], np.float32)[..., None]  # ranks 0, 1, 2, 3
+    np.testing.assert_array_equal(np.asarray(metrics.rank_counts(members, truth, axis=0)), [[1, 1, 1, 1]])
+    # exchangeable truth: a flat histogram on average
+    rng = np.random.default_rng(4)
+    m = rng.normal(size=(4, 50, 16, 32, 1))
+    counts = np.asarray(metrics.rank_counts(m, rng.normal(size=(50, 16, 32, 1)), axis=0)).sum(0)  # [ch, M+1]
+    assert counts.sum() == 50 * 16 * 32 and np.all(np.abs(counts[0] / counts.sum() - 0.2) < 0.01)

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fcn_jax.data.errors import DataError
+from fcn_jax.normalize import Normalizer  # the one normaliser; re-exported for the pipeline's users
 from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH
 
 #: Layout of a batch of windows: x: [batch@data, time (k+1), lat@height, lon@width, channel].
@@ -192,34 +193,6 @@ def _undecodable(src: WindowSource, time_indices, lat: slice, lon: slice, error:
                             "was prepared; prepare it again from the sources (python -m fcn_jax.data prepare ...)")
     return DataError(f"{src.store}: variable 'fields' could not be read at time indices {list(map(int, time_indices))} "
                      f"(lat {lat}, lon {lon}): {error}")
-
-
-# -------------------------------------------------------------- normalisation
-@dataclasses.dataclass(frozen=True)
-class Normalizer:
-    """Per-channel z-score with the store's statistics; jittable.
-
-    ``mean``/``std``: [channel] float32. ``normalize``/``denormalize`` broadcast
-    over the last (channel) axis of numpy or jax arrays, inside or outside jit,
-    and keep the input's sharding.
-    """
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def from_store(cls, store, channels=None, info=None) -> "Normalizer":
-        """From a store path, or from its :class:`~fcn_jax.data.store.StoreInfo` when given."""
-        from fcn_jax.data.store import StoreInfo
-
-        mean, std = (info if info is not None else StoreInfo.read(store)).stats(channels)
-        return cls(mean, std)
-
-    def normalize(self, x):
-        return (x - self.mean.astype(x.dtype)) / self.std.astype(x.dtype)
-
-    def denormalize(self, x):
-        return x * self.std.astype(x.dtype) + self.mean.astype(x.dtype)
 
 
 # ---------------------------------------------------------- per-process plan

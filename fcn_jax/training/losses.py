@@ -13,6 +13,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
+from fcn_jax.rollout import rollout_states
+
 
 def relative_l2(pred, target):
     """FourCastNet's loss (model spec §14.2): mean over samples of ||pred-y||_2 / ||y||_2.
@@ -29,12 +31,11 @@ def relative_l2(pred, target):
 
 
 def rollout(model, x0, k: int):
-    """States x_{t+1} ... x_{t+k} of a k-step autoregressive rollout, [batch, k, lat, lon, channel]."""
-    state, states = x0, []
-    for _ in range(k):
-        state = model(state)
-        states.append(state)
-    return jnp.stack(states, axis=1)
+    """States x_{t+1} ... x_{t+k} of a k-step autoregressive rollout, [batch, k, lat, lon, channel].
+
+    The shared scan rollout of :mod:`fcn_jax.rollout` (same layout as forecasts).
+    """
+    return rollout_states(model, x0, k)
 
 
 def step_losses(preds, targets, weights: Sequence[float] | None = None):

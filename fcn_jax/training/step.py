@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fcn_jax.normalize import normalize, precip_to_log
 from fcn_jax.training.losses import relative_l2, rollout_loss
 
 
@@ -107,7 +108,7 @@ def precip_forward(model, wind, batch: dict, eps: float):
     """
     x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
     pred = model(x_next)
-    return relative_l2(pred, jnp.log1p(batch["tp"] / eps)), pred
+    return relative_l2(pred, precip_to_log(batch["tp"], eps)), pred
 
 
 def normalize_batch(batch: dict, norm) -> dict:
@@ -116,7 +117,7 @@ def normalize_batch(batch: dict, norm) -> dict:
         return batch
     mean, std = norm
     out = dict(batch)
-    out["fields"] = (batch["fields"].astype(jnp.float32) - mean) / std
+    out["fields"] = normalize(batch["fields"].astype(jnp.float32), mean, std)
     return out
 
 

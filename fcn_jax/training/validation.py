@@ -24,6 +24,7 @@ from flax import nnx
 
 from fcn_jax import metrics
 from fcn_jax.config import ExperimentConfig
+from fcn_jax.normalize import denormalize, precip_to_metres
 from fcn_jax.training.losses import rollout, step_losses
 from fcn_jax.training.step import normalize_batch, precip_forward
 
@@ -54,14 +55,14 @@ class Validator:
             if self.mode == "precip":
                 loss, pred_log = precip_forward(model, nnx.merge(fgraph, fparams), batch, eps)
                 per_step = loss[None]
-                preds = (eps * jnp.expm1(pred_log))[:, None]  # metres, one lead: [batch, 1, lat, lon, 1]
+                preds = precip_to_metres(pred_log, eps)[:, None]  # metres, one lead: [batch, 1, lat, lon, 1]
                 truths = batch["tp"][:, None]
             else:
                 # one rollout serves both the loss and the scores
                 preds_n = rollout(model, fields[:, 0], fields.shape[1] - 1)  # [batch, k, lat, lon, channel]
                 loss, per_step = step_losses(preds_n, fields[:, 1:], loss_weights)
-                preds = preds_n * std + mean  # physical units
-                truths = fields[:, 1:] * std + mean
+                preds = denormalize(preds_n, mean, std)  # physical units
+                truths = denormalize(fields[:, 1:], mean, std)
             rmse = jnp.mean(metrics.weighted_rmse(preds, truths, weights), axis=0)  # [k, channel]
             if clim is not None:
                 acc = jnp.mean(metrics.weighted_acc(preds, truths, clim, weights), axis=0)

@@ -1,0 +1,386 @@
+"""Forecast files: the layout, atomic/incremental writing and checked reading.
+
+The layout every forecast file of fcn_jax has, and every forecast file
+:mod:`fcn_jax.evaluate` and :mod:`fcn_jax.track` accept (also ones made
+elsewhere):
+
+* dims ``(init_time, lead_time, [member], lat, lon)``; ``init_time``
+  datetime64, ``lead_time`` timedelta64 (lead 0 = the initial condition),
+  ``lat``/``lon`` in degrees;
+* one float32 data variable per channel, physical units (CF ``units``,
+  ``long_name``); ``valid_time = init_time + lead_time`` a 2-D coordinate
+  (derived on reading when a file lacks it);
+* global attribute ``Conventions = "CF-1.8"``.
+
+Writing is incremental and atomic: :class:`ForecastWriter` creates the file's
+skeleton under a temporary name next to the target, fills it chunk by chunk
+(initial conditions x members; a large ensemble never sits in host memory),
+and renames it into place on success. On any error the temporary file is
+removed: no partial output is ever left behind. ``.nc`` is NetCDF-4 (netCDF4),
+``.zarr`` a zarr directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ForecastError",
+    "channel_attrs",
+    "channel_units",
+    "lead_times",
+    "atomic_write",
+    "atomic_path",
+    "ForecastWriter",
+    "forecast_to_dataset",
+    "write_forecast",
+    "read_forecast",
+    "forecast_channels",
+]
+
+
+class ForecastError(ValueError):
+    """A forecast file, its request or its truth is not usable (the message names the value at fault)."""
+
+
+# --------------------------------------------------------------------------- #
+# Metadata
+# --------------------------------------------------------------------------- #
+
+
+def channel_attrs(name: str) -> dict[str, str]:
+    """CF attributes of a channel from the catalogue (``units``, ``long_name``); ``{}`` if unknown."""
+    from fcn_jax.data.channels import get_channel
+
+    try:
+        ch = get_channel(name)
+    except Exception:
+        return {}
+    return {k: v for k, v in (("units", ch.units), ("long_name", ch.long_name)) if v}
+
+
+def channel_units(names: Sequence[str]) -> list[str]:
+    """Units of each channel (``""`` when the catalogue does not know it)."""
+    return [channel_attrs(n).get("units", "") for n in names]
+
+
+def lead_times(n_lead: int, step_hours: float) -> np.ndarray:
+    """``[n_lead]`` timedelta64[ns]: ``0, dt, 2 dt, ...``."""
+    return (np.arange(n_lead) * np.timedelta64(int(round(step_hours * 3600)), "s")).astype("timedelta64[ns]")
+
+
+# --------------------------------------------------------------------------- #
+# Atomic writing
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, directory: bool = False):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success, remove it on error.
+
+    ``directory=True`` for outputs that are directories (zarr): the temporary
+    name does not exist yet when yielded; an existing target is replaced.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.rmdir()
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.replace(tmp, path)
+        else:
+            # mkstemp makes 0600; use the usual 0644
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Run ``write(tmp_path)`` then rename the temporary file onto ``path``; returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def _is_zarr(path) -> bool:
+    return str(path).rstrip("/").endswith(".zarr")
+
+
+def _check_suffix(path) -> None:
+    s = str(path).rstrip("/")
+    if not (s.endswith(".nc") or s.endswith(".zarr")):
+        raise ForecastError(f"--out {path}: the output must end in .nc (NetCDF) or .zarr")
+
+
+# --------------------------------------------------------------------------- #
+# Incremental writer
+# --------------------------------------------------------------------------- #
+
+
+def _skeleton(init_times, n_lead, step_hours, lat, lon, members, attrs):
+    import xarray as xr
+
+    init = np.asarray(init_times, dtype="datetime64[ns]").reshape(-1)
+    lead = lead_times(n_lead, step_hours)
+    coords = {
+        "init_time": ("init_time", init, {"long_name": "forecast initial time"}),
+        "lead_time": ("lead_time", lead, {"long_name": "forecast lead time", "standard_name": "forecast_period"}),
+        "lat": ("lat", np.asarray(lat, np.float32), {"units": "degrees_north", "standard_name": "latitude"}),
+        "lon": ("lon", np.asarray(lon, np.float32), {"units": "degrees_east", "standard_name": "longitude"}),
+        "valid_time": (("init_time", "lead_time"), init[:, None] + lead[None, :],
+                       {"standard_name": "time", "long_name": "valid time = init_time + lead_time"}),
+    }
+    if members:
+        coords["member"] = ("member", np.arange(members, dtype=np.int32), {"long_name": "ensemble member"})
+    ds = xr.Dataset(coords=coords)
+    ds.attrs.update({"Conventions": "CF-1.8", "source": "fcn_jax AFNO forecast"})
+    ds.attrs.update({k: v for k, v in dict(attrs or {}).items() if v is not None})
+    return ds
+
+
+_TIME_ENCODING = {
+    "init_time": {"units": "hours since 1970-01-01 00:00:00", "dtype": "float64"},
+    "valid_time": {"units": "hours since 1970-01-01 00:00:00", "dtype": "float64"},
+    "lead_time": {"units": "hours", "dtype": "float64"},
+}
+
+
+class ForecastWriter:
+    """Write a forecast file chunk by chunk; atomic (temporary name, renamed by :meth:`close`).
+
+    Use as a context manager: on an exception the temporary file is removed
+    and nothing appears at ``path``.
+
+    Args:
+      path: ``*.nc`` or ``*.zarr``.
+      init_times: ``[init_time]`` datetimes.
+      n_lead: number of leads (steps + 1; lead 0 is the IC).
+      step_hours: hours per lead step.
+      lat, lon: coordinates in degrees.
+      channels: channel names, one data variable each.
+      members: ensemble size, or ``None``/0 for a deterministic file (no member dim).
+      attrs: global attributes; ``var_attrs``: per-channel attribute overrides.
+    """
+
+    def __init__(self, path, *, init_times, n_lead: int, step_hours: float, lat, lon, channels: Sequence[str],
+                 members: int | None = None, attrs: Mapping | None = None,
+                 var_attrs: Mapping[str, Mapping] | None = None):
+        _check_suffix(path)
+        self.path = Path(path)
+        self.zarr = _is_zarr(path)
+        self.channels = list(channels)
+        self.members = int(members or 0)
+        self.dims = ("init_time", "lead_time") + (("member",) if self.members else ()) + ("lat", "lon")
+        self.shape = (len(np.atleast_1d(init_times)), n_lead) + ((self.members,) if self.members else ()) \
+            + (len(lat), len(lon))
+        self._ctx = atomic_path(self.path, directory=self.zarr)
+        self.tmp = self._ctx.__enter__()
+        self._nc = None
+        try:
+            ds = _skeleton(init_times, n_lead, step_hours, lat, lon, self.members, attrs)
+            vattrs = {c: {**channel_attrs(c), **dict((var_attrs or {}).get(c, {}))} for c in self.channels}
+            if self.zarr:
+                import dask.array as da
+
+                chunks = (1, 1) + ((1,) if self.members else ()) + self.shape[-2:]
+                for c in self.channels:
+                    ds[c] = (self.dims, da.full(self.shape, np.nan, dtype=np.float32, chunks=chunks), vattrs[c])
+                enc = {c: {"dtype": "float32"} for c in self.channels}
+                enc.update(_TIME_ENCODING)
+                ds.to_zarr(self.tmp, mode="w", compute=False, encoding=enc, consolidated=True)
+            else:
+                import netCDF4
+
+                ds.to_netcdf(self.tmp, engine="netcdf4", encoding=_TIME_ENCODING)
+                self._nc = netCDF4.Dataset(self.tmp, "a")
+                chunks = [1, 1] + ([1] if self.members else []) + list(self.shape[-2:])
+                for c in self.channels:
+                    v = self._nc.createVariable(c, "f4", self.dims, zlib=True, complevel=1, chunksizes=chunks,
+                                                fill_value=np.float32(np.nan))
+                    v.setncatts({**vattrs[c], "coordinates": "valid_time"})
+        except BaseException as e:
+            self.abort(e)
+            raise
+
+    def write(self, data, init_index: int | slice, member_start: int = 0) -> None:
+        """Write ``data [n_init, lead, (member chunk), lat, lon, channel]`` (physical units, NumPy).
+
+        ``init_index``: the first init index (or a slice) of the chunk;
+        ``member_start``: the first member of the chunk (ensembles).
+        """
+        data = np.asarray(data, np.float32)
+        if data.ndim != len(self.dims) + 1 or data.shape[-1] != len(self.channels):
+            raise ForecastError(f"{self.path}: chunk of shape {data.shape} does not fit dims {self.dims} + channel"
+                                f" ({len(self.channels)} channels)")
+        i0 = init_index.start if isinstance(init_index, slice) else int(init_index)
+        region = [slice(i0, i0 + data.shape[0]), slice(0, data.shape[1])]
+        if self.members:
+            region.append(slice(member_start, member_start + data.shape[2]))
+        if self.zarr:
+            import xarray as xr
+
+            ds = xr.Dataset({c: (self.dims, data[..., k]) for k, c in enumerate(self.channels)})
+            ds.to_zarr(self.tmp, region=dict(zip(self.dims, region + [slice(None), slice(None)])))
+        else:
+            for k, c in enumerate(self.channels):
+                self._nc.variables[c][tuple(region)] = data[..., k]
+
+    def close(self) -> Path:
+        """Finish the file and rename it into place; returns the final path."""
+        if self._nc is not None:
+            self._nc.close()
+            self._nc = None
+        if self.zarr:
+            import zarr
+
+            zarr.consolidate_metadata(str(self.tmp))
+        self._ctx.__exit__(None, None, None)
+        return self.path
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Drop the temporary file (no output is left behind)."""
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                self._nc.close()
+            self._nc = None
+        exc = exc or RuntimeError("aborted")
+        with contextlib.suppress(BaseException):
+            self._ctx.__exit__(type(exc), exc, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:
+            self.abort(ev)
+        return False
+
+
+# --------------------------------------------------------------------------- #
+# Whole-array convenience
+# --------------------------------------------------------------------------- #
+
+
+def forecast_to_dataset(forecast, *, init_times, lat, lon, channels: Sequence[str], mean=None, std=None,
+                        step_hours: float = 6.0, attrs: Mapping | None = None):
+    """A CF ``xarray.Dataset`` in the forecast-file layout from an in-memory forecast.
+
+    ``forecast``: :func:`fcn_jax.rollout.rollout` output ``[init, lead, lat,
+    lon, channel]`` or an ensemble ``[init, lead, member, lat, lon, channel]``
+    (told apart by rank). ``mean``/``std`` ``[channel]``: given, the fields are
+    de-normalised; omit both for physical fields.
+    """
+    import jax
+
+    from fcn_jax.normalize import denormalize
+
+    f = np.asarray(jax.device_get(forecast), dtype=np.float32)
+    if f.ndim not in (5, 6):
+        raise ForecastError(f"forecast must be [init, lead, lat, lon, channel] or [init, lead, member, lat, lon, "
+                            f"channel], got shape {f.shape}")
+    channels = list(channels)
+    if f.shape[-1] != len(channels):
+        raise ForecastError(f"forecast has {f.shape[-1]} channels, {len(channels)} names given")
+    if (mean is None) != (std is None):
+        raise ForecastError("give both mean and std, or neither")
+    if std is not None:
+        f = denormalize(f, mean, std)
+    init = np.asarray(init_times, dtype="datetime64[ns]").reshape(-1)
+    if init.size != f.shape[0]:
+        raise ForecastError(f"{init.size} init_times for {f.shape[0]} initial conditions")
+    ds = _skeleton(init, f.shape[1], step_hours, lat, lon, f.shape[2] if f.ndim == 6 else 0, attrs)
+    dims = ("init_time", "lead_time") + (("member",) if f.ndim == 6 else ()) + ("lat", "lon")
+    for k, c in enumerate(channels):
+        ds[c] = (dims, f[..., k], channel_attrs(c))
+    return ds
+
+
+def write_forecast(path, forecast, **kwargs) -> Path:
+    """Write :func:`forecast_to_dataset` ``(forecast, **kwargs)`` to ``path`` (.nc / .zarr) atomically."""
+    _check_suffix(path)
+    ds = forecast_to_dataset(forecast, **kwargs)
+    init = ds["init_time"].values
+    shape = dict(ds.sizes)
+    members = shape.get("member")
+    with ForecastWriter(path, init_times=init, n_lead=shape["lead_time"],
+                        step_hours=float(ds["lead_time"].values[1] / np.timedelta64(1, "h"))
+                        if shape["lead_time"] > 1 else kwargs.get("step_hours", 6.0),
+                        lat=ds["lat"].values, lon=ds["lon"].values, channels=list(ds.data_vars), members=members,
+                        attrs=ds.attrs) as w:
+        w.write(np.stack([ds[c].values for c in ds.data_vars], axis=-1), 0)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+
+
+def read_forecast(path: str | os.PathLike):
+    """Open a forecast file lazily and check its layout; returns an ``xarray.Dataset``.
+
+    Accepts files made elsewhere: dims may come in any order (transposed to
+    ``(init_time, lead_time, [member], lat, lon)``), and ``valid_time`` is
+    derived from ``init_time + lead_time`` when absent. Errors name the file
+    and what is wrong.
+    """
+    import xarray as xr
+
+    p = Path(path)
+    if not p.exists():
+        raise ForecastError(f"{path}: forecast file not found")
+    try:
+        if _is_zarr(p) or p.is_dir():
+            ds = xr.open_zarr(p, decode_timedelta=True)
+        else:
+            ds = xr.open_dataset(p, decode_timedelta=True, chunks={})
+    except Exception as e:
+        raise ForecastError(f"{path}: cannot open as NetCDF or zarr ({type(e).__name__}: {e})") from e
+    for d in ("init_time", "lead_time", "lat", "lon"):
+        if d not in ds.dims:
+            raise ForecastError(f"{path}: no '{d}' dimension; a forecast needs dims (init_time, lead_time, "
+                                f"[member], lat, lon), it has {tuple(ds.dims)}")
+    if not np.issubdtype(ds["init_time"].dtype, np.datetime64):
+        raise ForecastError(f"{path}: init_time must be datetime64, got {ds['init_time'].dtype}")
+    if not np.issubdtype(ds["lead_time"].dtype, np.timedelta64):
+        raise ForecastError(f"{path}: lead_time must be a timedelta (CF units 'hours'), got {ds['lead_time'].dtype}")
+    extra = set(ds.dims) - {"init_time", "lead_time", "member", "lat", "lon"}
+    if extra:
+        raise ForecastError(f"{path}: unexpected dimensions {sorted(extra)}; allowed: init_time, lead_time, "
+                            f"member, lat, lon")
+    if "valid_time" not in ds.coords:
+        ds = ds.assign_coords(valid_time=ds["init_time"] + ds["lead_time"])
+    order = ("init_time", "lead_time") + (("member",) if "member" in ds.dims else ()) + ("lat", "lon")
+    ds = ds.transpose(*order)
+    if not forecast_channels(ds):
+        raise ForecastError(f"{path}: no data variable with dims {order}")
+    return ds
+
+
+def forecast_channels(ds) -> list[str]:
+    """Names of the data variables that are forecast fields (all forecast dims)."""
+    dims = set(ds["init_time"].dims + ds["lead_time"].dims + ds["lat"].dims + ds["lon"].dims)
+    return [str(v) for v in ds.data_vars if dims <= set(ds[v].dims)]
