@@ -31,6 +31,7 @@ from fcn_jax.model.activations import gelu_exact
 from fcn_jax.model.spectral import afno_filter
 from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC, STAGE
 from fcn_jax.parallel.mesh import MeshSizes, current_mesh, model_sizes, single_device_mesh
+from fcn_jax.parallel.pipeline import is_stacked, pipeline_blocks
 from fcn_jax.parallel.ops import (
     gather_channels,
     halo_pad_lat_lon,
@@ -310,9 +311,8 @@ def _backbone_local(p, x, cfg: ModelConfig, sizes: MeshSizes):
     block_fn = functools.partial(_block_local, cfg=cfg, sizes=sizes)
     if cfg.remat:
         block_fn = jax.checkpoint(block_fn)
-    if sizes.stage > 1:  # GPipe over `stage`: tokens on the last stage, zeros elsewhere
-        from fcn_jax.parallel.pipeline import pipeline_blocks
-
+    if sizes.stage > 1 or is_stacked(p["blocks"]):
+        # pipelined over `stage` (GPipe), or stacked blocks: tokens on the last stage, zeros elsewhere
         t = pipeline_blocks(block_fn, p["blocks"], t, sizes)
     else:
         for i in range(cfg.depth):
@@ -381,11 +381,6 @@ def _sharded_forward(cfg: ModelConfig, sizes: MeshSizes, mesh, spec_leaves, spec
         p = jax.tree.map(lambda a: vary(a, sizes), p)
         return local_fn(p, xx, bb_cfg, sizes)
 
-    if sizes.stage > 1:  # blocks stacked along a layer axis split over `stage`
-        from fcn_jax.parallel.pipeline import stack_param_specs, stack_param_values
-
-        fn = jax.shard_map(local, mesh=mesh, in_specs=(stack_param_specs(specs), image_spec), out_specs=image_spec)
-        return jax.jit(lambda values, xx: fn(stack_param_values(values), xx))
     fn = jax.shard_map(
         local,
         mesh=mesh,

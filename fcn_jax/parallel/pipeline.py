@@ -52,6 +52,7 @@ from fcn_jax.parallel.mesh import MeshSizes, bubble_fraction
 __all__ = [
     "bubble_fraction",
     "is_stacked",
+    "local_layers",
     "pipeline_blocks",
     "stack_blocks",
     "stack_param_specs",
@@ -67,10 +68,10 @@ __all__ = [
 
 def is_stacked(blocks: Any) -> bool:
     """True for a stacked block tree, False for the canonical ``{0: block, 1: block, ...}``."""
-    return not (isinstance(blocks, dict) and blocks and all(isinstance(k, int) for k in blocks))
+    return not (isinstance(blocks, dict) and all(isinstance(k, int) for k in blocks))
 
 
-def stack_blocks(blocks: dict) -> Any:
+def stack_blocks(blocks: Any) -> Any:
     """``{i: block tree}`` -> one block tree whose leaves have a leading ``[depth]`` layer axis."""
     if is_stacked(blocks):
         return blocks
@@ -83,42 +84,25 @@ def unstack_blocks(stacked: Any, depth: int) -> dict:
     return {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(depth)}
 
 
-def _blocks_holder(tree: dict) -> dict:
-    """The dict that holds ``blocks``: the model's top level, or PrecipNet's ``backbone``."""
-    if "blocks" in tree:
-        return tree
-    if "backbone" in tree and "blocks" in tree["backbone"]:
-        return tree["backbone"]
-    raise KeyError(f"no 'blocks' in the parameter tree (keys {sorted(tree)})")
+def local_layers(blocks: Any, sizes: MeshSizes) -> Any:
+    """This stage's blocks, stacked: every leaf ``[depth/S, ...]`` (inside the ``shard_map``).
 
-
-def _replace_blocks(tree: dict, fn: Callable[[Any], Any]) -> dict:
-    out = dict(tree)
-    if "blocks" in tree:
-        out["blocks"] = fn(tree["blocks"])
-    else:
-        out["backbone"] = _replace_blocks(tree["backbone"], fn)
-    return out
-
-
-def stack_param_values(values: dict) -> dict:
-    """The model's parameter values with ``blocks`` stacked (run under ``jit``: no copy kept)."""
-    return _replace_blocks(values, stack_blocks)
-
-
-def stack_param_specs(specs: dict) -> dict:
-    """PartitionSpecs for :func:`stack_param_values`: ``P('stage', *spec of one block's leaf)``.
-
-    Block ``i``'s parameters are replicated over ``stage`` in the canonical
-    tree; stacked, their leading layer axis is split over ``stage``.
+    Stacked parameters (sharded over ``stage``, logical axis ``layers``) are
+    already local. Canonical per-block parameters are replicated over
+    ``stage``: every device holds all of them, stacks them locally and takes
+    its stage's run of consecutive blocks -- no communication forward; autodiff
+    sums each block's gradient over ``stage`` (only its owner's is non-zero),
+    which is what keeps such parameters replicated.
     """
-
-    def stacked(blocks):
-        if is_stacked(blocks):
-            return blocks
-        return jax.tree.map(lambda s: P(STAGE, *s), blocks[0], is_leaf=lambda s: isinstance(s, P))
-
-    return _replace_blocks(specs, stacked)
+    if is_stacked(blocks):
+        return blocks
+    stacked = stack_blocks(blocks)
+    if sizes.stage == 1:
+        return stacked
+    depth = len(blocks)
+    per_stage = depth // sizes.stage
+    start = lax.axis_index(STAGE) * per_stage
+    return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, per_stage, axis=0), stacked)
 
 
 # --------------------------------------------------------------------------- #
@@ -126,18 +110,28 @@ def stack_param_specs(specs: dict) -> dict:
 # --------------------------------------------------------------------------- #
 
 
+def _run_layers(block_fn: Callable, layers: Any, h):
+    """Apply stacked layers in order: ``lax.scan`` over their leading axis."""
+    return lax.scan(lambda hh, layer: (block_fn(layer, hh), None), h, layers)[0]
+
+
 def pipeline_blocks(block_fn: Callable, blocks: Any, t, sizes: MeshSizes):
-    """Run the stacked blocks over ``sizes.stage`` stages with ``sizes.microbatches`` microbatches (GPipe).
+    """Run the blocks over ``sizes.stage`` stages with ``sizes.microbatches`` microbatches (GPipe).
 
     Local shards inside the model's ``shard_map``:
       block_fn(layer_params, h) -> h   one AFNO block, h: [mb, lat/Ph, lon/Pw, embed/Pc]
-      blocks: this stage's layers, every leaf [depth/S, ...] (stacked, sharded over ``stage``)
+      blocks: canonical ``{i: block}`` (replicated over ``stage``) or stacked,
+         every leaf [depth/S, ...] (sharded over ``stage``): see :func:`local_layers`
       t: [b, lat/Ph, lon/Pw, embed/Pc]  embedded tokens of the local batch (b = batch/Pd),
          computed on every stage; only stage 0's are used.
     Returns the blocks' output tokens [b, lat/Ph, lon/Pw, embed/Pc] on the last
-    stage and exact zeros on every other stage.
+    stage and exact zeros on every other stage. With one stage: a plain scan
+    over the stacked blocks.
     """
+    layers = local_layers(blocks, sizes)
     n_stages, n_micro = sizes.stage, sizes.microbatches
+    if n_stages == 1:
+        return _run_layers(block_fn, layers, t)
     b = t.shape[0]
     if b % n_micro:
         raise ValueError(f"{n_micro} microbatches do not divide the local batch of {b} samples")
@@ -147,13 +141,10 @@ def pipeline_blocks(block_fn: Callable, blocks: Any, t, sizes: MeshSizes):
     first, last = stage == 0, stage == n_stages - 1
     forward = [(s, s + 1) for s in range(n_stages - 1)]  # stage s -> s+1; stage 0 receives zeros
 
-    def run_stage(h):
-        return lax.scan(lambda hh, layer: (block_fn(layer, hh), None), h, blocks)[0]
-
     def tick(carry, i):
         received, outs = carry
         mine = lax.dynamic_index_in_dim(xs, jnp.minimum(i, n_micro - 1), 0, keepdims=False)
-        h = run_stage(jnp.where(first, mine, received))
+        h = _run_layers(block_fn, layers, jnp.where(first, mine, received))
         # the last stage finishes microbatch i-(S-1) at tick i
         j = i - (n_stages - 1)
         jc = jnp.clip(j, 0, n_micro - 1)
