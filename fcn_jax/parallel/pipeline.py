@@ -55,9 +55,11 @@ __all__ = [
     "local_layers",
     "pipeline_blocks",
     "stack_blocks",
+    "stack_model",
     "stack_param_specs",
     "stack_param_values",
     "unstack_blocks",
+    "unstack_model",
 ]
 
 
@@ -103,6 +105,66 @@ def local_layers(blocks: Any, sizes: MeshSizes) -> Any:
     per_stage = depth // sizes.stage
     start = lax.axis_index(STAGE) * per_stage
     return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, per_stage, axis=0), stacked)
+
+
+def _blocks_owner(model):
+    """The module that owns ``blocks``: the AFNONet itself or PrecipNet's backbone."""
+    return model.backbone if hasattr(model, "backbone") else model
+
+
+def _is_var(v) -> bool:
+    from flax import nnx
+
+    return isinstance(v, nnx.Variable)
+
+
+def stack_model(model):
+    """Replace the model's per-block modules by one block module with stacked Params (in place).
+
+    Every block Param ``[...]`` with logical axes ``names`` becomes one
+    ``[depth, ...]`` Param with logical axes ``('layers', *names)``, which the
+    sharding rules split over ``stage``: on a pipelined mesh each stage's
+    devices then store (and optimise) only their ``depth/S`` blocks. The
+    forward pass is the same function (:func:`pipeline_blocks`; on a mesh
+    without ``stage``, a ``lax.scan`` over the layers). Returns the model.
+    """
+    from flax import nnx
+
+    owner = _blocks_owner(model)
+    blocks = owner.blocks
+    if not isinstance(blocks, nnx.List):
+        return model  # already stacked
+    if len(blocks) == 0:
+        raise ValueError("a model without blocks (depth 0) has nothing to stack")
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+    stacked = jax.tree.map(
+        lambda *vs: vs[0].replace(value=jnp.stack([v[...] for v in vs]),
+                                  logical_axes=("layers", *vs[0].get_metadata()["logical_axes"])),
+        *states, is_leaf=_is_var,
+    )
+    owner.blocks = nnx.merge(graphdef, stacked)
+    return model
+
+
+def unstack_model(model):
+    """Inverse of :func:`stack_model` (in place): the canonical ``nnx.List`` of blocks. Returns the model."""
+    from flax import nnx
+
+    owner = _blocks_owner(model)
+    if isinstance(owner.blocks, nnx.List):
+        return model
+    graphdef, state = nnx.split(owner.blocks)
+    depth = jax.tree.leaves(state)[0].shape[0]
+    layers = []
+    for i in range(depth):
+        layer = jax.tree.map(
+            lambda v, i=i: v.replace(value=v[...][i], logical_axes=tuple(v.get_metadata()["logical_axes"][1:])),
+            state, is_leaf=_is_var,
+        )
+        layers.append(nnx.merge(graphdef, layer))
+    owner.blocks = nnx.List(layers)
+    return model
 
 
 # --------------------------------------------------------------------------- #
