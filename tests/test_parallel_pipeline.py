@@ -212,3 +212,69 @@ def test_self_test_passes_pipelined_meshes_on_16_devices():
                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert bad.returncode == 2
     assert "valid: [1, 2, 4]" in json.loads(bad.stdout.splitlines()[-1])["error"]
+
+
+def _train_state(model, mesh):
+    import optax
+
+    from fcn_jax.training.step import TrainState, init_opt_state
+
+    model = shard_model(model, mesh)
+    _, params = nnx.split(model, nnx.Param)
+    tx = optax.adam(1e-3)
+    opt_state = init_opt_state(tx, params)
+    # one Adam step with the parameters as gradients: non-trivial moments to carry over
+    _, opt_state = jax.jit(tx.update)(params, opt_state, params)
+    return TrainState(params=params, opt_state=opt_state, step=jnp.ones((), jnp.int32))
+
+
+def _pure(state):
+    """Params and Adam's mu as plain per-block dicts on the host."""
+    def canon(tree):
+        tree = jax.device_get(nnx.to_pure_dict(tree))
+        if "0" not in map(str, tree["blocks"]):  # stacked -> per block
+            depth = jax.tree.leaves(tree["blocks"])[0].shape[0]
+            tree["blocks"] = {i: jax.tree.map(lambda a, i=i: a[i], tree["blocks"]) for i in range(depth)}
+        return tree
+
+    return canon(state.params), canon(state.opt_state[0].mu)
+
+
+def test_checkpoints_restore_across_stage_counts(tmp_path):
+    """Saved stacked on 2 stages -> per-block on a 4-axis mesh, and per-block -> stacked on other 2 stages."""
+    from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
+
+    devices = jax.devices()
+    staged = make_mesh((1, 1, 2, 1), devices=devices[:4], stage=2)
+    plain = make_mesh((2, 1, 2, 2), devices=devices)
+    staged2 = make_mesh((2, 1, 1, 2), devices=devices, stage=2)
+    with jax.set_mesh(staged):
+        saved = _train_state(stack_model(AFNONet(CFG, seed=3)), staged)
+        assert saved.params["blocks"]["mlp"]["fc1"]["kernel"][...].sharding.spec[0] == "stage"
+        ck = RunCheckpoints(tmp_path / "a", async_save=False)
+        ck.save(1, saved, {"pos": 1}, {"m": 2}, force=True)
+        ck.wait()
+    want = _pure(saved)
+
+    def check(state, mesh, stacked):
+        blocks = state.params["blocks"]
+        assert ("filter" in blocks) == stacked
+        leaf = blocks["filter"]["w1"][...] if stacked else blocks[0]["filter"]["w1"][...]
+        assert leaf.sharding.mesh.shape == mesh.shape
+        got = _pure(state)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+
+    with jax.set_mesh(plain):  # stacked -> per block, no stage axis
+        target = abstract_like(_train_state(AFNONet(CFG, seed=0), plain))
+        state, data, meta = RunCheckpoints(tmp_path / "a").restore(1, target)
+        assert data == {"pos": 1} and meta == {"m": 2}
+        check(state, plain, stacked=False)
+        ck = RunCheckpoints(tmp_path / "b", async_save=False)
+        ck.save(1, state, {}, {}, force=True)
+        ck.wait()
+    with jax.set_mesh(staged2):  # per block -> stacked on another stage mesh
+        target = abstract_like(_train_state(stack_model(AFNONet(CFG, seed=0)), staged2))
+        state, _, _ = RunCheckpoints(tmp_path / "b").restore(1, target)
+        check(state, staged2, stacked=True)
+        assert state.params["blocks"]["filter"]["w1"][...].sharding.spec == target.params["blocks"]["filter"]["w1"].sharding.spec

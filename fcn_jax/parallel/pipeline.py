@@ -218,3 +218,97 @@ def pipeline_blocks(block_fn: Callable, blocks: Any, t, sizes: MeshSizes):
     carry = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs))
     (_, outs), _ = lax.scan(tick, carry, jnp.arange(n_micro + n_stages - 1))
     return outs.reshape(t.shape)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints across stage counts: per-block <-> stacked trees by path
+# --------------------------------------------------------------------------- #
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _norm_path(path) -> tuple[str, ...]:
+    return tuple(_key_str(k) for k in path)
+
+
+def _split_blocks(path: tuple[str, ...]):
+    """(prefix up to and including 'blocks', layer index or None, rest) or None without 'blocks'."""
+    if "blocks" not in path:
+        return None
+    i = path.index("blocks")
+    nxt = path[i + 1] if i + 1 < len(path) else ""
+    if nxt.isdigit():
+        return path[: i + 1], int(nxt), path[i + 2:]
+    return path[: i + 1], None, path[i + 1:]
+
+
+def restore_plan(saved_paths, target_abstract):
+    """How to read a checkpoint whose blocks are stacked/per-block into a target of the other kind.
+
+    ``saved_paths``: normalized paths (tuples of str) of the saved leaves;
+    ``target_abstract``: the restore target (leaves: ShapeDtypeStruct with a
+    NamedSharding). Returns None when the trees agree (an ordinary restore), else
+    ``(read, build)``: ``read`` maps each saved path to the sharding to read it
+    with on the target's mesh (a block's layer axis is never split there: stacked
+    leaves read ``P(None, *spec)``, per-block leaves ``P(*spec[1:])``), and
+    ``build(arrays_by_saved_path)`` returns the target tree.
+    """
+    from jax.sharding import NamedSharding
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target_abstract)
+    targets = [(_norm_path(p), leaf) for p, leaf in leaves]
+    saved = set(saved_paths)
+    if {p for p, _ in targets} == saved:
+        return None
+    depth_saved = 1 + max((s[1] for s in map(_split_blocks, saved) if s and s[1] is not None), default=-1)
+    read, recipe = {}, []
+    for path, leaf in targets:
+        sharding = leaf.sharding
+        split = _split_blocks(path)
+        if path in saved or split is None:
+            read[path] = sharding
+            recipe.append(("same", path, sharding))
+            continue
+        prefix, layer, rest = split
+        if layer is not None:  # target per-block, saved stacked
+            src = prefix + rest
+            if src not in saved:
+                raise KeyError(f"checkpoint has no leaf {'/'.join(src)} for {'/'.join(path)}")
+            read[src] = NamedSharding(sharding.mesh, P(None, *sharding.spec))
+            recipe.append(("index", (src, layer), sharding))
+        else:  # target stacked, saved per-block
+            srcs = [prefix + (str(i),) + rest for i in range(depth_saved)]
+            missing = [s for s in srcs if s not in saved]
+            if not srcs or missing:
+                raise KeyError(f"checkpoint has no per-block leaves for {'/'.join(path)}")
+            spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+            for s in srcs:
+                read[s] = NamedSharding(sharding.mesh, P(*spec[1:]))
+            recipe.append(("stack", srcs, sharding))
+    unused = saved - set(read)
+    if unused:
+        raise KeyError(f"checkpoint leaves not in the target: {sorted('/'.join(p) for p in unused)[:5]}")
+
+    def build(arrays):
+        moved = [(n, kind, src) for n, (kind, src, _) in enumerate(recipe) if kind != "same"]
+
+        def convert(arrs):  # one program for every stacked / indexed leaf
+            return [arrs[src[0]][src[1]] if kind == "index" else jnp.stack([arrs[s] for s in src])
+                    for _, kind, src in moved]
+
+        needed = {}
+        for _, kind, src in moved:
+            for s in ([src[0]] if kind == "index" else src):
+                needed[s] = arrays[s]
+        converted = jax.jit(convert, out_shardings=[recipe[n][2] for n, _, _ in moved])(needed)
+        out = [arrays[src] if kind == "same" else None for kind, src, _ in recipe]
+        for (n, _, _), value in zip(moved, converted):
+            out[n] = value
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return read, build

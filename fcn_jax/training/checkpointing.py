@@ -64,7 +64,31 @@ class RunCheckpoints:
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """(state, data_state, meta) of ``step``; ``abstract_state`` leaves carry target shardings."""
+        """(state, data_state, meta) of ``step``; ``abstract_state`` leaves carry target shardings.
+
+        A run saved with its AFNO blocks stacked (pipelined, ``mesh.stage > 1``)
+        restores into per-block parameters and vice versa
+        (:func:`fcn_jax.parallel.pipeline.restore_plan`).
+        """
+        from fcn_jax.parallel.pipeline import restore_plan
+
+        saved = self._state_metadata(step)
+        saved_leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+        plan = restore_plan([_norm(p) for p, _ in saved_leaves], abstract_state)
+        if plan is not None:
+            read, build = plan
+            target = jax.tree_util.tree_map_with_path(
+                lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=read[_norm(p)]), saved)
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            arrays = {_norm(p): a for p, a in jax.tree_util.tree_flatten_with_path(restored["state"])[0]}
+            return build(arrays), dict(restored["data"] or {}), dict(restored["meta"] or {})
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -74,6 +98,13 @@ class RunCheckpoints:
             ),
         )
         return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def _state_metadata(self, step: int):
+        """Tree metadata (paths, shapes) of the saved ``state`` item of ``step``."""
+        saved = self.manager.item_metadata(step)["state"]
+        if saved is None:  # a manager that has not saved yet knows no handler for the item
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        return saved
 
     def best_step(self) -> int | None:
         """The step with the lowest recorded validation loss among those kept."""
@@ -89,6 +120,12 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _norm(path) -> tuple[str, ...]:
+    from fcn_jax.parallel.pipeline import _norm_path
+
+    return _norm_path(path)
 
 
 def abstract_like(tree: Any) -> Any:
