@@ -362,17 +362,20 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
     return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 4)
 
 
-def build_mesh(mesh_cfg, model_cfg, batch_size: int | None = None, devices=None) -> Mesh:
+def build_mesh(mesh_cfg, model_cfg, batch_size: int | None = None, devices=None,
+               microbatches: int | None = None) -> Mesh:
     """Mesh from an experiment's ``mesh`` section, validated against the model.
 
-    The section's ``spectral_layout`` is checked here too; run the model under
-    ``use_spectral_layout(mesh_cfg.spectral_layout)`` to apply it.
+    The section's ``spectral_layout`` and ``stage`` are checked here too (with
+    ``microbatches``, the experiment's ``train.microbatches``, when given); run
+    the model under ``use_spectral_layout(mesh_cfg.spectral_layout)`` and
+    ``use_microbatches(...)`` to apply them.
     """
     devices = list(jax.devices() if devices is None else devices)
     stage = int(getattr(mesh_cfg, "stage", 1))
     shape = resolve_shape(mesh_cfg.shape, len(devices), stage)
     validate_layout(MeshSizes(*shape, stage=stage), model_cfg, batch_size,
-                    spectral_layout=getattr(mesh_cfg, "spectral_layout", None))
+                    spectral_layout=getattr(mesh_cfg, "spectral_layout", None), microbatches=microbatches)
     return make_mesh(shape, devices, stage)
 
 
