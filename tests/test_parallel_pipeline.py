@@ -346,7 +346,7 @@ def test_two_processes_pipelined_match_one_unpipelined(tmp_path):
     outs = [p.communicate(timeout=1200) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert "pipeline: 2 stages x 2 microbatches per data shard, GPipe bubble 0.333" in outs[0][0]
+    assert "pipeline: 2 stages x 4 microbatches per data shard, GPipe bubble 0.200" in outs[0][0]
 
     def losses(workdir):
         recs = [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
