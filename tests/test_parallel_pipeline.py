@@ -356,3 +356,14 @@ def test_two_processes_pipelined_match_one_unpipelined(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_cost_terms():
+    from fcn_jax.parallel.pipeline import gpipe_time, stage_transfer_bytes
+
+    # 4 stages, 12 microbatches of 1 sample: 15 ticks of 1 s = 12 s of work x 15/12
+    assert gpipe_time(1.0, 12, 4, 12) == pytest.approx(15.0)
+    assert gpipe_time(1.0, 12, 1, 1) == pytest.approx(12.0)  # no pipeline: no bubble
+    sizes = MeshSizes(1, 2, 2, 2, stage=2, microbatches=2)
+    # published model: 90x180 tokens x 768 channels, 2 samples per microbatch on a 2x2x2 split
+    assert stage_transfer_bytes(ModelConfig(), sizes, 4) == 2 * 45 * 90 * 384 * 4

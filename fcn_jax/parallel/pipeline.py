@@ -51,7 +51,9 @@ from fcn_jax.parallel.mesh import MeshSizes, bubble_fraction
 
 __all__ = [
     "bubble_fraction",
+    "gpipe_time",
     "is_stacked",
+    "stage_transfer_bytes",
     "local_layers",
     "pipeline_blocks",
     "stack_blocks",
@@ -218,6 +220,33 @@ def pipeline_blocks(block_fn: Callable, blocks: Any, t, sizes: MeshSizes):
     carry = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs))
     (_, outs), _ = lax.scan(tick, carry, jnp.arange(n_micro + n_stages - 1))
     return outs.reshape(t.shape)
+
+
+# --------------------------------------------------------------------------- #
+# Cost terms for the performance model
+# --------------------------------------------------------------------------- #
+
+
+def gpipe_time(stage_time_per_sample: float, local_batch: int, stages: int, microbatches: int,
+               transfer_time: float = 0.0) -> float:
+    """Predicted time of the pipelined blocks, forward + backward (GPipe).
+
+    ``stage_time_per_sample``: one stage's ``depth/S`` blocks, forward + backward,
+    for one sample; ``transfer_time``: one tick's ``ppermute`` (forward + backward).
+    Every stage works for all ``M+S-1`` ticks of a microbatch of ``b/M`` samples,
+    so the unpipelined ``b * stage_time`` grows by ``(M+S-1)/M`` -- the bubble.
+    """
+    return (microbatches + stages - 1) * (stage_time_per_sample * local_batch / microbatches + transfer_time)
+
+
+def stage_transfer_bytes(model_cfg, sizes: MeshSizes, local_batch: int, itemsize: int = 4) -> int:
+    """Bytes one device sends over ``stage`` per tick, forward (the backward sends as many).
+
+    One microbatch's local tokens: ``[b/M, lat/Ph, lon/Pw, embed/Pc]``.
+    """
+    lat, lon = model_cfg.token_grid
+    mb = local_batch // sizes.microbatches
+    return mb * (lat // sizes.height) * (lon // sizes.width) * (model_cfg.embed_dim // sizes.channel) * itemsize
 
 
 # --------------------------------------------------------------------------- #
