@@ -205,10 +205,17 @@ def pipeline_blocks(block_fn: Callable, blocks: Any, t, sizes: MeshSizes):
     first, last = stage == 0, stage == n_stages - 1
     forward = [(s, s + 1) for s in range(n_stages - 1)]  # stage s -> s+1; stage 0 receives zeros
 
+    # GPipe's re-materialisation: a tick keeps only its stage input for the backward pass and
+    # recomputes its depth/S blocks there. Without it every tick -- bubble ticks included --
+    # would keep all its blocks' activations, (M+S-1)/S times those of the whole unpipelined
+    # model per microbatch: no activation memory saved at all (measured: 0.1 deg/p4/24 layers,
+    # (1,2,2,2) x 2 stages, batch 1: 147 GB per device against 104 GB unpipelined on 8).
+    run_stage = jax.checkpoint(lambda lay, h: _run_layers(block_fn, lay, h))
+
     def tick(carry, i):
         received, outs = carry
         mine = lax.dynamic_index_in_dim(xs, jnp.minimum(i, n_micro - 1), 0, keepdims=False)
-        h = _run_layers(block_fn, layers, jnp.where(first, mine, received))
+        h = run_stage(layers, jnp.where(first, mine, received))
         # the last stage finishes microbatch i-(S-1) at tick i
         j = i - (n_stages - 1)
         jc = jnp.clip(j, 0, n_micro - 1)
