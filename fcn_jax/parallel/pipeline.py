@@ -21,6 +21,12 @@ Schedule (GPipe, forward; autodiff runs it backwards)::
       every stage applies its depth/S blocks (``lax.scan`` over the stacked layers);
       the last stage keeps its result as microbatch i-(S-1) of the output.
 
+Each tick's stage computation is re-materialised (``jax.checkpoint``, as in
+GPipe): the backward pass keeps one stage input per tick and recomputes that
+tick's ``depth/S`` blocks, so a device holds the activations of ``depth/S``
+blocks of one microbatch at a time -- the activation saving of pipelining --
+for one extra forward pass of the blocks.
+
 ``M`` microbatches split each data shard's local batch (``train.microbatches``;
 default one sample each). Every stage computes every tick, so ``S-1`` of the
 ``M+S-1`` ticks are idle work per stage: the bubble fraction
