@@ -143,10 +143,16 @@ class MeshConfig:
     #: only channel must divide the blocks, so model parallelism may exceed them) or
     #: ``auto`` = channel_block when it applies, else pencil (README, Parallelism).
     spectral_layout: Literal["auto", "channel_block", "pencil"] = "auto"
+    #: Pipeline stages (layer pipelining, GPipe): each stage runs depth/stage
+    #: consecutive AFNO blocks on its own data*channel*height*width devices, so the
+    #: run uses stage times as many devices. 1 = no pipelining.
+    stage: int = 1
 
     def __post_init__(self):
         if self.spectral_layout not in ("auto", "channel_block", "pencil"):
             _fail("mesh.spectral_layout", f"must be one of auto, channel_block, pencil; got {self.spectral_layout!r}")
+        if self.stage < 1:
+            _fail("mesh.stage", f"must be a positive number of pipeline stages, got {self.stage}")
         sizes = self.shape
         if sum(s == -1 for s in sizes) > 1:
             _fail("mesh", f"at most one axis may be -1, got {sizes}")
@@ -226,6 +232,10 @@ class TrainConfig:
     #: Frozen wind model for precipitation training.
     backbone_checkpoint: str = ""
     precip_eps: float = 1e-5
+    #: Pipeline microbatches per data shard (mesh.stage > 1): each splits the
+    #: batch/data samples of a data shard; 0 = one sample per microbatch (the
+    #: smallest pipeline bubble, (stage-1)/(microbatches+stage-1)).
+    microbatches: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "rollout_steps", "checkpoint_every", "log_every", "validate_every"):
@@ -248,6 +258,11 @@ class TrainConfig:
             _fail("train.rollout_steps", "pre-training uses 1 step; use mode finetune for k > 1")
         if self.precip_eps <= 0:
             _fail("train.precip_eps", f"must be > 0, got {self.precip_eps}")
+        if self.microbatches < 0:
+            _fail("train.microbatches", f"must be >= 0 (0 = one sample per microbatch), got {self.microbatches}")
+        if self.microbatches and self.batch_size % self.microbatches:
+            _fail("train.microbatches", f"{self.microbatches} does not divide the batch of {self.batch_size}; "
+                                        f"valid: {_divisors(self.batch_size)}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +314,10 @@ class ExperimentConfig:
                 f"an autoregressive backbone maps its state to itself: must equal "
                 f"in_channels ({self.model.in_channels}), got {self.model.out_channels}",
             )
+        stage, depth = self.mesh.stage, self.model.depth
+        if stage > 1 and (depth == 0 or depth % stage):
+            _fail("mesh.stage", f"{stage} pipeline stages do not divide the model's depth {depth} (each stage "
+                                f"runs depth/stage consecutive blocks); valid: {_divisors(depth) if depth else [1]}")
         if self.train.mode == "precip" and self.model.kind != "precip":
             _fail("train.mode", "precip training needs model.kind: precip")
 

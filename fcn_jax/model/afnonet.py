@@ -29,8 +29,9 @@ from jax.sharding import PartitionSpec as P
 from fcn_jax.config import ModelConfig
 from fcn_jax.model.activations import gelu_exact
 from fcn_jax.model.spectral import afno_filter
-from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC
+from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC, STAGE
 from fcn_jax.parallel.mesh import MeshSizes, current_mesh, model_sizes, single_device_mesh
+from fcn_jax.parallel.pipeline import is_stacked, pipeline_blocks
 from fcn_jax.parallel.ops import (
     gather_channels,
     halo_pad_lat_lon,
@@ -310,12 +311,17 @@ def _backbone_local(p, x, cfg: ModelConfig, sizes: MeshSizes):
     block_fn = functools.partial(_block_local, cfg=cfg, sizes=sizes)
     if cfg.remat:
         block_fn = jax.checkpoint(block_fn)
-    for i in range(cfg.depth):
-        t = block_fn(p["blocks"][i], t)
+    if sizes.stage > 1 or is_stacked(p["blocks"]):
+        # pipelined over `stage` (GPipe), or stacked blocks: tokens on the last stage, zeros elsewhere
+        t = pipeline_blocks(block_fn, p["blocks"], t, sizes)
+    else:
+        for i in range(cfg.depth):
+            t = block_fn(p["blocks"][i], t)
 
-    # head: row-parallel over channel, partial sums reduced across `channel`
+    # head: row-parallel over channel, partial sums reduced across `channel` (and across
+    # `stage` when pipelined: only the last stage's are non-zero)
     feat = jnp.dot(t.astype(dtype), p["head"]["kernel"].astype(dtype), preferred_element_type=jnp.float32)
-    feat = psum(feat, CHANNEL, sizes)  # [b, hl, wl, ph*pw*out]
+    feat = psum(feat, (CHANNEL, STAGE), sizes)  # [b, hl, wl, ph*pw*out]
     cout = feat.shape[-1] // (ph * pw)
     # un-patchify: feature (i*pw + j)*out + c of token (h, w) -> pixel (h*ph+i, w*pw+j, c)
     out = feat.reshape(b, hl, wl, ph, pw, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, hl * ph, wl * pw, cout)

@@ -2,6 +2,7 @@
 
 The device mesh has four named axes, outermost first::
 
+    stage    consecutive AFNO blocks (layer pipelining; only when mesh.stage > 1)
     data     samples of the global batch (data parallelism)
     channel  the embedding / MLP features (channel or "tensor" parallelism)
     height   latitude rows of the token grid (domain decomposition)
@@ -19,6 +20,7 @@ from typing import Sequence
 
 from jax.sharding import PartitionSpec as P
 
+STAGE = "stage"
 DATA = "data"
 CHANNEL = "channel"
 HEIGHT = "height"
@@ -27,6 +29,12 @@ WIDTH = "width"
 #: Mesh axis names, outermost to innermost. ``height``/``width`` are innermost so
 #: that the spectral filter's all-to-alls stay between neighbouring devices.
 MESH_AXES: tuple[str, ...] = (DATA, CHANNEL, HEIGHT, WIDTH)
+
+#: Mesh axes of a pipelined mesh (``mesh.stage > 1``): ``stage`` outermost. Only
+#: activations of one microbatch cross it (a point-to-point ``ppermute`` per
+#: pipeline tick), so it is the axis that tolerates the slowest links.
+#: With one stage the mesh is exactly :data:`MESH_AXES` (no ``stage`` axis at all).
+PIPELINE_MESH_AXES: tuple[str, ...] = (STAGE, *MESH_AXES)
 
 #: Axes that split the spatial domain.
 SPATIAL_AXES: tuple[str, ...] = (HEIGHT, WIDTH)
@@ -75,6 +83,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "conv_row": None,
     "conv_col": None,
     "one": None,  # broadcast dimension of size 1
+    "layers": STAGE,  # leading axis of the stacked AFNO blocks (pipelining): depth/stage per stage
 }
 
 

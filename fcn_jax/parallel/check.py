@@ -11,6 +11,14 @@ long job::
     python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8 \
         --set mesh.spectral_layout=pencil
 
+Layer pipelining: ``--set mesh.stage=S`` runs the model pipelined over ``S``
+stages (``S*D*C*H*W`` devices) with ``train.microbatches`` microbatches per
+data shard, its blocks stacked and split over ``stage`` as training stores
+them; the report gives the GPipe bubble fraction ``(S-1)/(M+S-1)``::
+
+    python -m fcn_jax.parallel.check --experiment world --mesh 2,1,2,2 --cpu-devices 16 \
+        --set mesh.stage=2 --set model.depth=4 --batch 4
+
 The spectral layout is the experiment's ``mesh.spectral_layout`` (``auto`` picks
 channel-block when ``channel*height*width`` divides the AFNO blocks, pencil
 otherwise); the report names the one used.
@@ -72,11 +80,12 @@ def _max_rel(a, b) -> float:
 def run_check(cfg, mesh_shape, batch: int = 0, seed: int = 0) -> dict:
     """Compare ``cfg``'s model on ``mesh_shape`` against one device; returns the report dict.
 
-    Runs under the experiment's ``mesh.spectral_layout``.
+    Runs under the experiment's ``mesh.spectral_layout``, pipelined over
+    ``mesh.stage`` stages with ``train.microbatches`` microbatches.
     """
-    from fcn_jax.parallel.mesh import use_spectral_layout
+    from fcn_jax.parallel.mesh import use_microbatches, use_spectral_layout
 
-    with use_spectral_layout(cfg.mesh.spectral_layout):
+    with use_spectral_layout(cfg.mesh.spectral_layout), use_microbatches(cfg.train.microbatches):
         return _run_check(cfg, mesh_shape, batch, seed)
 
 
@@ -90,16 +99,20 @@ def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
     from fcn_jax.model.afnonet import build_model, shard_model
     from fcn_jax.parallel.axes import IMAGE_SPEC
     from fcn_jax.parallel.hlo import collective_counts
-    from fcn_jax.parallel.mesh import MeshSizes, make_mesh, resolve_shape, validate_layout
+    from fcn_jax.parallel.mesh import MeshSizes, bubble_fraction, make_mesh, resolve_shape, validate_layout
+    from fcn_jax.parallel.pipeline import stack_blocks, stack_model
     from fcn_jax.training.losses import relative_l2
 
+    stage = int(cfg.mesh.stage)
     n_dev = len(jax.devices())
-    if -1 not in tuple(mesh_shape) and 0 < math.prod(mesh_shape) < n_dev:
-        n_dev = math.prod(mesh_shape)  # a smaller mesh runs on the first devices
-    shape = resolve_shape(mesh_shape, n_dev)
-    batch = batch or shape[0]
+    if -1 not in tuple(mesh_shape) and 0 < math.prod(mesh_shape) * stage < n_dev:
+        n_dev = math.prod(mesh_shape) * stage  # a smaller mesh runs on the first devices
+    shape = resolve_shape(mesh_shape, n_dev, stage)
     model_cfg = cfg.model
-    layout = validate_layout(MeshSizes(*shape), model_cfg, batch_size=batch).spectral_layout
+    if not batch:  # one sample per data shard, or two per stage when pipelined (a real schedule)
+        batch = shape[0] * (max(cfg.train.microbatches, 2) if stage > 1 else 1)
+    sizes = validate_layout(MeshSizes(*shape, stage=stage), model_cfg, batch_size=batch)
+    layout = sizes.spectral_layout
 
     kx, ky = jax.random.split(jax.random.key(seed + 1))
     x = jax.random.normal(kx, (batch, *model_cfg.img_size, model_cfg.in_channels), jnp.float32)
@@ -107,6 +120,8 @@ def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
 
     def run(mesh):
         model = build_model(model_cfg, seed=seed)
+        if mesh is not None and stage > 1:
+            stack_model(model)  # blocks stacked and split over `stage`, as training stores them
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss_fn(p, xx, yy):
@@ -138,7 +153,10 @@ def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
             return jax.device_get(out), jax.device_get(nnx.to_pure_dict(grads)), collective_counts(hlo)
 
     ref_out, ref_grads, _ = run(None)
-    out, grads, counts = run(make_mesh(shape))
+    out, grads, counts = run(make_mesh(shape, stage=stage))
+    if stage > 1:  # compare stacked gradients with the reference's, stacked
+        holder = ref_grads["backbone"] if "backbone" in ref_grads else ref_grads
+        holder["blocks"] = jax.device_get(stack_blocks(holder["blocks"]))
     grad_errs = {}
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         ref = ref_grads
@@ -148,6 +166,9 @@ def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
     worst = max(grad_errs, key=grad_errs.get)
     return {
         "mesh": list(shape),
+        "stage": stage,
+        "microbatches": sizes.microbatches,
+        "bubble_fraction": bubble_fraction(stage, sizes.microbatches),
         "spectral_layout": layout,
         "devices": int(jax.device_count()),
         "platform": jax.devices()[0].platform,
@@ -219,8 +240,12 @@ def _check_one(cfg, mesh, args, MeshError) -> int:
         print(json.dumps(report), flush=True)
     else:
         d, c, h, w = report["mesh"]
-        print(f"mesh data={d} channel={c} height={h} width={w} on {report['devices']} {report['platform']} devices, "
-              f"batch {report['batch']}, spectral layout {report['spectral_layout']}")
+        staged = ""
+        if report["stage"] > 1:
+            staged = (f" x stage {report['stage']} ({report['microbatches']} microbatches per data shard, "
+                      f"GPipe bubble {report['bubble_fraction']:.3f})")
+        print(f"mesh data={d} channel={c} height={h} width={w}{staged} on {report['devices']} {report['platform']} "
+              f"devices, batch {report['batch']}, spectral layout {report['spectral_layout']}")
         print(f"  forward  max rel err  {report['forward_max_rel_err']:.3e}")
         print(f"  gradient max rel err  {report['grad_max_rel_err']:.3e}  ({report['worst_grad_param']})")
         print("  collectives in the compiled train step:")

@@ -1,7 +1,7 @@
 """``shard_map`` building blocks: collectives that know the static mesh sizes.
 
 Every function here runs *inside* a fully manual ``jax.shard_map`` over the four
-mesh axes and sees local shards. A collective over an axis of size 1 is elided
+mesh axes (five with the pipeline's ``stage``) and sees local shards. A collective over an axis of size 1 is elided
 in Python (the sharding rules drop size-1 axes from parameter specs, see
 :func:`spec_for_mesh`), so the compiled program contains exactly the
 communication the layout needs and nothing for trivial axes.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fcn_jax.parallel.axes import CHANNEL, HEIGHT, MESH_AXES, WIDTH, logical_to_spec
+from fcn_jax.parallel.axes import CHANNEL, HEIGHT, WIDTH, logical_to_spec
 from fcn_jax.parallel.mesh import MeshSizes
 
 
@@ -53,7 +53,7 @@ def vary(x, sizes: MeshSizes):
     if vma is None:  # jax 0.10: the manual-axis type holds the varying set
         mat = getattr(aval, "mat", None)
         vma = getattr(mat, "varying", frozenset())
-    missing = tuple(a for a in MESH_AXES if sizes[a] > 1 and a not in vma)
+    missing = tuple(a for a in sizes.axis_names if sizes[a] > 1 and a not in vma)
     return lax.pcast(x, missing, to="varying") if missing else x
 
 

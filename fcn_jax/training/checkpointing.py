@@ -272,6 +272,10 @@ class RunCheckpoints:
     def restore(self, step: int, abstract_state: Any, verify: bool = True) -> tuple[Any, dict, dict]:
         """(state, data_state, meta) of ``step`` after verifying it; ``abstract_state`` leaves carry target shardings.
 
+        A run saved with its AFNO blocks stacked (pipelined, ``mesh.stage > 1``)
+        restores into per-block parameters and vice versa
+        (:func:`fcn_jax.parallel.pipeline.restore_plan`).
+
         Raises :class:`CheckpointDamagedError` if the step fails verification
         (done by process 0, which tells the others). ``verify=False`` only for
         a step that was just verified.
@@ -281,6 +285,25 @@ class RunCheckpoints:
             if _from_primary(int(bool(problems))):
                 raise CheckpointDamagedError(str(integrity.IntegrityError(
                     self.step_dir(step), problems or ["reported by process 0"], f"checkpoint step {step}")))
+        from fcn_jax.parallel.pipeline import restore_plan
+
+        saved = self._state_metadata(step)
+        saved_leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
+        plan = restore_plan([_norm(p) for p, _ in saved_leaves], abstract_state)
+        if plan is not None:
+            read, build = plan
+            target = jax.tree_util.tree_map_with_path(
+                lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=read[_norm(p)]), saved)
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            arrays = {_norm(p): a for p, a in jax.tree_util.tree_flatten_with_path(restored["state"])[0]}
+            return build(arrays), dict(restored["data"] or {}), dict(restored["meta"] or {})
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -290,6 +313,13 @@ class RunCheckpoints:
             ),
         )
         return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+
+    def _state_metadata(self, step: int):
+        """Tree metadata (paths, shapes) of the saved ``state`` item of ``step``."""
+        saved = self.manager.item_metadata(step)["state"]
+        if saved is None:  # a manager that has not saved yet knows no handler for the item
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        return saved
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest intact step, or None if there are no checkpoints.
@@ -361,6 +391,12 @@ class RunCheckpoints:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _norm(path) -> tuple[str, ...]:
+    from fcn_jax.parallel.pipeline import _norm_path
+
+    return _norm_path(path)
 
 
 def abstract_like(tree: Any) -> Any:

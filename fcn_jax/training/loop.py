@@ -41,7 +41,8 @@ from fcn_jax import checkpoint as model_ckpt
 from fcn_jax.config import ExperimentConfig, dump_experiment
 from fcn_jax.data.errors import DataError
 from fcn_jax.model.afnonet import build_model, shard_model
-from fcn_jax.parallel.mesh import build_mesh, model_sizes, use_spectral_layout
+from fcn_jax.parallel.mesh import bubble_fraction, build_mesh, model_sizes, use_microbatches, use_spectral_layout
+from fcn_jax.parallel.pipeline import stack_model, unstack_model
 from fcn_jax.training import data_feed
 from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
 from fcn_jax.training.optim import make_optimizer
@@ -149,10 +150,12 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
         _write_config(cfg, workdir)
     tcfg, mcfg = cfg.train, cfg.model
 
-    mesh = build_mesh(cfg.mesh, mcfg, tcfg.batch_size)
-    with jax.set_mesh(mesh), use_spectral_layout(cfg.mesh.spectral_layout):
+    mesh = build_mesh(cfg.mesh, mcfg, tcfg.batch_size, microbatches=tcfg.microbatches)
+    with jax.set_mesh(mesh), use_spectral_layout(cfg.mesh.spectral_layout), use_microbatches(tcfg.microbatches):
         feed = data_feed.open_feed(cfg, mesh)
         model = _initial_model(cfg)
+        if cfg.mesh.stage > 1:  # pipelined: blocks stacked, each stage stores its own (checkpoints convert)
+            stack_model(model)
         model = shard_model(model, mesh)
         tx, schedule = make_optimizer(tcfg)
         graphdef, params = nnx.split(model, nnx.Param)
@@ -182,8 +185,14 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
 
         end = tcfg.steps if max_steps is None else min(tcfg.steps, start + max_steps)
         finite = jnp.array(True)
-        summary: dict[str, Any] = {"start_step": start,
-                                   "spectral_layout": model_sizes(mesh, mcfg, tcfg.batch_size).spectral_layout}
+        sizes = model_sizes(mesh, mcfg, tcfg.batch_size)
+        summary: dict[str, Any] = {"start_step": start, "spectral_layout": sizes.spectral_layout}
+        if sizes.stage > 1:
+            summary.update(stage=sizes.stage, microbatches=sizes.microbatches,
+                           bubble_fraction=bubble_fraction(sizes.stage, sizes.microbatches))
+            if primary:
+                print(f"pipeline: {sizes.stage} stages x {sizes.microbatches} microbatches per data shard, "
+                      f"GPipe bubble {summary['bubble_fraction']:.3f}")
         bar = _progress(start, end, enabled=progress and primary)
         t_last, n_last, wait_s = time.perf_counter(), start, 0.0
         last_saved = start
@@ -334,7 +343,7 @@ def _frozen_backbone(cfg: ExperimentConfig, mesh):
 
 def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: Path, mcfg, primary: bool) -> None:
     """Write model_final (current weights) and model_best (best validation step)."""
-    model = nnx.merge(graphdef, state.params)
+    model = unstack_model(nnx.merge(graphdef, state.params))  # exported models hold per-block weights
     model_ckpt.save_model(workdir / "model_final", model, overwrite=True, extra={"step": int(state.step)})
     best = ckpts.best_step()
     if best is not None and best != int(state.step):
@@ -342,7 +351,7 @@ def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: 
         found = ckpts.best_intact(abstract_like(state))
         best = found[0] if found else None
         if found and best != int(state.step):
-            model = nnx.merge(graphdef, found[1].params)
+            model = unstack_model(nnx.merge(graphdef, found[1].params))
     model_ckpt.save_model(workdir / "model_best", model, overwrite=True,
                           extra={"step": int(best if best is not None else state.step)})
 
