@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -162,6 +164,63 @@ def flops(compiled_or_lowered) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+                "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_SKIP_OPS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all", "partition-id"}
+
+
+def _shape_bytes(shape: str) -> int:
+    total = 0
+    for dt, dims in re.findall(r"\b(pred|[sucf]\d+|bf16)\[([\d,]*)\]", shape):
+        total += _DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def hlo_census(hlo_text: str) -> dict:
+    """Top-level ops of an optimised HLO module by class: {class: {"count", "out_bytes"}}.
+
+    Classes, by what a (fused) instruction computes, in this priority: ``dot``, ``fft``,
+    ``reduce``, ``layout`` (a transpose or copy: data moved, nothing computed), ``elementwise``,
+    ``collective``, ``other``. ``out_bytes`` sums the bytes each writes -- a memory-traffic proxy
+    that shows, e.g., transposed copies feeding the dots of a backward pass.
+    """
+    bodies = {}
+    for m in re.finditer(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.S | re.M):
+        bodies[m.group(1)] = m.group(2)
+    entry = hlo_text[hlo_text.index("ENTRY"):]
+    entry = entry[: entry.index("\n}")]
+    out: dict = {}
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\(.*?\)|\S+) ([\w\-]+)\(", line)
+        if not m or m.group(2) in _SKIP_OPS:
+            continue
+        shape, op = m.groups()
+        body = line
+        if op == "fusion":
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            body = bodies.get(called.group(1), "") if called else ""
+        if re.search(r" (dot|convolution)\(", body) or op in ("dot", "convolution"):
+            cls = "dot"
+        elif op == "fft" or " fft(" in body:
+            cls = "fft"
+        elif re.search(r" (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)[\w\-]*\(", line):
+            cls = "collective"
+        elif op in ("reduce", "reduce-window") or re.search(r" reduce(-window)?\(", body):
+            cls = "reduce"
+        elif op in ("copy", "transpose") or (op == "fusion" and re.search(r" (copy|transpose)\(", body)
+                                             and not re.search(r" (add|subtract|multiply|divide|select|maximum|"
+                                                               r"exponential|erf|rsqrt|compare|negate)\(", body)):
+            cls = "layout"
+        elif op == "fusion" or op in ("add", "multiply", "subtract", "divide", "select", "maximum", "negate"):
+            cls = "elementwise"
+        else:
+            cls = "other"
+        c = out.setdefault(cls, {"count": 0, "out_bytes": 0})
+        c["count"] += 1
+        c["out_bytes"] += _shape_bytes(shape)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["out_bytes"]))
+
+
 def format_table(headers, rows, align=None) -> str:
     """Plain-text table; numbers right-aligned, text left-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
@@ -215,6 +274,7 @@ def analyse_train_step(cfg, tx, batch):
         "memory": memory_stats(compiled),
         "flops_compiled": flops(compiled),
         "flops_lowered": flops(lowered),
+        "hlo_census": hlo_census(compiled.as_text()),
     }
 
 
@@ -331,6 +391,10 @@ def main(argv=None):
     print(format_table(["train step", "TFLOP", "reference"], rows, ["l", "r", "l"]))
     print()
     print(f"lower {analysis['lower_s']:.1f} s, compile {analysis['compile_s']:.1f} s (abstract inputs)")
+    print()
+    rows = [[k, v["count"], gb(v["out_bytes"])] for k, v in analysis["hlo_census"].items()]
+    print("Compiled train step, top-level HLO ops by class (bytes written: a memory-traffic proxy)")
+    print(format_table(["class", "ops", "GB written"], rows))
     print()
     if timing:
         rows = [

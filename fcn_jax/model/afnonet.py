@@ -264,8 +264,22 @@ def shard_model(model: nnx.Module, mesh) -> nnx.Module:
 # --------------------------------------------------------------------------- #
 
 
+def _matmul(x, kernel, dtype):
+    """x: [..., d_in] @ kernel [d_in, d_out] with operands in ``dtype`` -> float32 [..., d_out].
+
+    Computed as one 2-D matmul on ``[tokens, d_in]``. With the leading axes kept,
+    XLA:CPU's backward of the dot (the kernel gradient contracts three batch-like
+    axes) materialised transposed copies of the activations; the 2-D form gives
+    plain GEMMs without them (the same products and sums).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [tokens, d_in]
+    y = jnp.dot(x2.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*lead, kernel.shape[-1])
+
+
 def _dense(x, kernel, bias, dtype):
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    y = _matmul(x, kernel, dtype)
     if bias is not None:
         y = y + bias
     return y.astype(dtype)
