@@ -21,6 +21,12 @@ import pytest
 from fcn_jax import integrity
 from fcn_jax.training.checkpointing import (CheckpointDamagedError, CheckpointSpaceError, RunCheckpoints,
                                             abstract_like)
+from helpers import logged_losses, world_overrides
+
+
+def _overrides(store, **train):
+    return world_overrides(store, validate_every=100, **train)
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -315,23 +321,6 @@ def store():
     return str(world_store(spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
 
 
-def _overrides(store, **train):
-    base = {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8,
-        "mesh.data": -1, "train.batch_size": 8, "train.steps": 8, "train.log_every": 1,
-        "train.validate_every": 100, "train.checkpoint_every": 2, "train.validate_batches": 1,
-        "train.warmup_steps": 0,
-    }
-    base.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _losses(workdir):
-    recs = [json.loads(l) for l in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
-
-
 def _store_copy(store, tmp_path) -> Path:
     dst = tmp_path / "store.zarr"
     shutil.copytree(store, dst)
@@ -356,7 +345,7 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
 
     cfg = load_experiment("world", _overrides(store))
     train(cfg, tmp_path / "ref", progress=False)
-    reference = _losses(tmp_path / "ref")
+    reference = logged_losses(tmp_path / "ref")
 
     run = tmp_path / "run"
     first = train(cfg, run, progress=False, max_steps=6)
@@ -366,7 +355,7 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
     assert second["start_step"] == 4 and second["final_step"] == 8  # newest intact: step 4
     assert (run / "checkpoints_damaged" / "6").is_dir()
     assert name in (run / "checkpoints_damaged" / "6.DAMAGED.txt").read_text()
-    resumed = _losses(run)
+    resumed = logged_losses(run)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):  # steps 5, 6 re-run from step 4, 7, 8 new: all as if nothing happened
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=0), step

@@ -18,6 +18,7 @@ from fcn_jax.parallel.hlo import collective_counts, collective_shapes
 from fcn_jax.parallel.mesh import MeshError, MeshSizes, build_mesh, make_mesh, resolve_shape, validate_layout
 from fcn_jax.parallel.ops import layer_norm
 from fcn_jax.training.step import init_train_state, make_loss_fn, make_train_step
+from helpers import max_rel as _max_rel
 
 # Realistic structure at a small size: an 8x16 token grid, 8 AFNO blocks, a
 # truncating filter (fraction 1 keeps 5 of 9 longitude bins, as 46 of 91 in the
@@ -44,12 +45,6 @@ def reference():
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, {"fields": window})
     out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, window[:, 0])
     return {"out": np.asarray(out), "loss": float(loss), "grads": nnx.to_pure_dict(grads)}
-
-
-def _max_rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.max(np.abs(b))
-    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a)))
 
 
 def _flat(tree, prefix=""):

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -36,6 +35,7 @@ from fcn_jax.parallel.mesh import (
     use_spectral_layout,
     validate_layout,
 )
+from helpers import max_rel as _max_rel, toy_loss_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,20 +50,6 @@ BATCH = 2
 IMAGE = P("data", "height", "width", None)
 
 
-def _max_rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.max(np.abs(b))
-    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a)))
-
-
-def _loss_fn(graphdef):
-    def loss(p, x):
-        out = nnx.merge(graphdef, p)(x)
-        return jnp.mean(out**2) + jnp.mean(out * x)
-
-    return loss
-
-
 _REFS = {}
 
 
@@ -72,7 +58,7 @@ def _reference(cfg):
         model = AFNONet(cfg, seed=0)
         x = jax.random.normal(jax.random.key(1), (BATCH, *cfg.img_size, cfg.in_channels))
         graphdef, params = nnx.split(model, nnx.Param)
-        loss = _loss_fn(graphdef)
+        loss = toy_loss_fn(graphdef)
         out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, x)
         gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
         _REFS[cfg] = dict(x=x, out=np.asarray(out), gp=jax.device_get(nnx.to_pure_dict(gp)), gx=np.asarray(gx))
@@ -106,7 +92,7 @@ def test_pencil_forward_and_every_gradient_equal_single_device(cfg, shape, layou
         w1 = params["blocks"][0]["filter"]["w1"][...]
         assert w1.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "channel")), 4), w1.sharding.spec
         x = jax.device_put(ref["x"], NamedSharding(mesh, IMAGE))
-        loss = _loss_fn(graphdef)
+        loss = toy_loss_fn(graphdef)
         out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, x)
         grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
         gp, gx = grad_fn(params, x)

@@ -35,6 +35,7 @@ from fcn_jax.parallel.mesh import (
     validate_layout,
 )
 from fcn_jax.parallel.pipeline import stack_blocks, stack_model, unstack_model
+from helpers import max_rel as _max_rel, toy_loss_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,20 +44,6 @@ CFG = ModelConfig(img_size=(32, 64), patch_size=(4, 4), in_channels=4, out_chann
                   mlp_ratio=2.0, num_blocks=8)
 BATCH = 4
 IMAGE = P("data", "height", "width", None)
-
-
-def _max_rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.max(np.abs(b))
-    return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a)))
-
-
-def _loss_fn(graphdef):
-    def loss(p, x):
-        out = nnx.merge(graphdef, p)(x)
-        return jnp.mean(out**2) + jnp.mean(out * x)
-
-    return loss
 
 
 _REF = {}
@@ -68,7 +55,7 @@ def _reference():
         x = jax.random.normal(jax.random.key(1), (BATCH, *CFG.img_size, CFG.in_channels))
         graphdef, params = nnx.split(model, nnx.Param)
         out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, x)
-        gp, gx = jax.jit(jax.grad(_loss_fn(graphdef), argnums=(0, 1)))(params, x)
+        gp, gx = jax.jit(jax.grad(toy_loss_fn(graphdef), argnums=(0, 1)))(params, x)
         gp = jax.device_get(nnx.to_pure_dict(gp))
         _REF.update(x=x, out=np.asarray(out), gp=gp, gx=np.asarray(gx))
     return _REF
@@ -86,7 +73,7 @@ def _run(shape, stage, microbatches, stacked):
         graphdef, params = nnx.split(model, nnx.Param)
         x = jax.device_put(ref["x"], NamedSharding(mesh, IMAGE))
         out = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))(params, x)
-        grad_fn = jax.jit(jax.grad(_loss_fn(graphdef), argnums=(0, 1)))
+        grad_fn = jax.jit(jax.grad(toy_loss_fn(graphdef), argnums=(0, 1)))
         gp, gx = grad_fn(params, x)
         hlo = grad_fn.lower(params, x).compile().as_text()
     return sizes, params, out, jax.device_get(nnx.to_pure_dict(gp)), gx, collective_counts(hlo)

@@ -15,6 +15,7 @@ import pytest
 from fcn_jax.config import load_experiment
 from fcn_jax.data.world import WorldSpec, world_store
 from fcn_jax.training.loop import NonFiniteLossError, train
+from helpers import logged_losses, world_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,26 +27,9 @@ def store(tmp_path_factory):
     return str(world_store(root, spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
 
 
-def _overrides(store, **train):
-    base = {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8,
-        "mesh.data": -1, "train.batch_size": 8, "train.steps": 8, "train.log_every": 1,
-        "train.validate_every": 4, "train.checkpoint_every": 2, "train.validate_batches": 1,
-        "train.warmup_steps": 0,
-    }
-    base.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _losses(workdir):
-    recs = [json.loads(l) for l in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
-
-
 def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     pre = tmp_path / "pre"
-    cfg = load_experiment("world", _overrides(store))
+    cfg = load_experiment("world", world_overrides(store))
     summary = train(cfg, pre, progress=False)
     assert summary["final_step"] == 8
     assert (pre / "config.yaml").is_file() and (pre / "model_best" / "model.json").is_file()
@@ -62,7 +46,7 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     ft = tmp_path / "ft"
     proc = subprocess.run(
         [sys.executable, "-m", "fcn_jax.train", "world_finetune", "--workdir", str(ft), "--no-progress",
-         *sum((["--set", o] for o in _overrides(store, steps=4, init_from=str(pre))), [])],
+         *sum((["--set", o] for o in world_overrides(store, steps=4, init_from=str(pre))), [])],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,7 +64,7 @@ def test_loss_decreases_on_a_fixed_batch(store):
     from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.step import init_train_state, make_train_step
 
-    cfg = load_experiment("world", _overrides(store))
+    cfg = load_experiment("world", world_overrides(store))
     mesh = make_mesh((1, 1, 1, 1))
     with jax.set_mesh(mesh):
         it = make_train_iterator(store, mesh=mesh, batch_size=4, channels=list(cfg.data.channels), years="2000")
@@ -106,7 +90,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
         ck = Path(workdir, "checkpoints")
-        if (Path(workdir) / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= step \
+        if (Path(workdir) / "metrics.jsonl").exists() and max(logged_losses(workdir), default=0) >= step \
                 and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir()):
             return
         time.sleep(0.2)
@@ -115,22 +99,22 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(store, tmp_path):
-    ov = _overrides(store, steps=12, validate_every=100)
+    ov = world_overrides(store, steps=12, validate_every=100)
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(ref, ov), check=True, capture_output=True, timeout=600, cwd=REPO)
-    reference = _losses(ref)
+    reference = logged_losses(ref)
 
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, ov), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     _wait_for_step(run, 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(_losses(run))
+    killed_at = max(logged_losses(run))
     assert killed_at < 12
     done = subprocess.run(_train_cmd(run, ov), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed" in done.stdout
-    resumed = _losses(run)
+    resumed = logged_losses(run)
     assert max(resumed) == 12
     # every step's loss -- before the kill, and re-run after the resume -- equals the uninterrupted run
     for step, loss in resumed.items():
@@ -139,7 +123,7 @@ def test_exact_resume_after_sigkill(store, tmp_path):
 
 def test_resume_onto_another_mesh(store, tmp_path):
     # 4 steps on (8,1,1,1), then continue on (2,2,2,1): the checkpoint reshards on restore
-    ov = _overrides(store, steps=8, validate_every=100)
+    ov = world_overrides(store, steps=8, validate_every=100)
     first = load_experiment("world", [*ov, "mesh.data=8"])
     train(first, tmp_path / "a", progress=False, max_steps=4)
     second = load_experiment("world", [*ov, "mesh.data=2", "mesh.channel=2", "mesh.height=2"])
@@ -147,18 +131,18 @@ def test_resume_onto_another_mesh(store, tmp_path):
     assert summary["start_step"] == 4 and summary["final_step"] == 8
     straight = train(first, tmp_path / "b", progress=False)
     assert straight["final_step"] == 8
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
     for step in range(1, 9):
         assert a[step] == pytest.approx(b[step], rel=2e-5), step
 
 
 def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
-    ov = _overrides(store, steps=1000, checkpoint_every=500, validate_every=1000)
+    ov = world_overrides(store, steps=1000, checkpoint_every=500, validate_every=1000)
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, ov), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO)
     t0 = time.time()
-    while max(_losses(run), default=0) < 3 if (run / "metrics.jsonl").exists() else True:
+    while max(logged_losses(run), default=0) < 3 if (run / "metrics.jsonl").exists() else True:
         assert proc.poll() is None and time.time() - t0 < 300
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -166,13 +150,13 @@ def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "'preempted': True" in out
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and steps[-1] == max(_losses(run)) and steps[-1] < 500
+    assert steps and steps[-1] == max(logged_losses(run)) and steps[-1] < 500
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
     from fcn_jax.training.checkpointing import RunCheckpoints
 
-    cfg = load_experiment("world", _overrides(store, lr=1e12, checkpoint_every=1, log_every=1, steps=20,
+    cfg = load_experiment("world", world_overrides(store, lr=1e12, checkpoint_every=1, log_every=1, steps=20,
                                               validate_every=100))
     with pytest.raises(NonFiniteLossError, match=r"NaN or Inf by step \d+.*last good checkpoint is step \d+"):
         train(cfg, tmp_path / "run", progress=False)
@@ -192,9 +176,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
 def test_two_processes_match_one(store, tmp_path):
     from multiproc import run_one_and_two_processes
 
-    ov = _overrides(store, steps=4, validate_every=4, checkpoint_every=4)
+    ov = world_overrides(store, steps=4, validate_every=4, checkpoint_every=4)
     run_one_and_two_processes(lambda wd, *extra: _train_cmd(wd, ov, *extra), tmp_path / "one", tmp_path / "two")
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step

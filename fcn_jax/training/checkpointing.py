@@ -290,29 +290,23 @@ class RunCheckpoints:
         saved = self._state_metadata(step)
         saved_leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
         plan = restore_plan([_norm(p) for p, _ in saved_leaves], abstract_state)
-        if plan is not None:
+        target = abstract_state
+        if plan is not None:  # stacked <-> per-block: read the saved layout, then rebuild the target's
             read, build = plan
             target = jax.tree_util.tree_map_with_path(
                 lambda p, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=read[_norm(p)]), saved)
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
-            arrays = {_norm(p): a for p, a in jax.tree_util.tree_flatten_with_path(restored["state"])[0]}
-            return build(arrays), dict(restored["data"] or {}), dict(restored["meta"] or {})
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.StandardRestore(target),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], dict(restored["data"] or {}), dict(restored["meta"] or {})
+        state = restored["state"]
+        if plan is not None:
+            state = build({_norm(p): a for p, a in jax.tree_util.tree_flatten_with_path(state)[0]})
+        return state, dict(restored["data"] or {}), dict(restored["meta"] or {})
 
     def _state_metadata(self, step: int):
         """Tree metadata (paths, shapes) of the saved ``state`` item of ``step``."""
