@@ -142,6 +142,6 @@ def test_gpu_check_cases_run_on_cpu_with_a_tiny_model():
     tr = gc.run_child({"name": "t", "kind": "train", "opts": {"compute_dtype": "float32"}, "smoke": True, "runs": 1})
     assert tr["ok"] and tr["hardware"] == "cpu" and tr["predicted_s"] > 0 and tr["mfu"] > 0
     fc = gc.run_child({"name": "f", "kind": "forecast", "opts": {"steps": 2}, "smoke": True, "runs": 1})
-    assert fc["ok"] and fc["shape"][0] == 3
+    assert fc["ok"] and fc["shape"][1] == 3  # rollout layout [batch, lead, lat, lon, channel]: IC + 2 steps
     with pytest.raises(RuntimeError, match="no GPU"):
         gc.run_child({"name": "t", "kind": "train", "opts": {}, "smoke": False, "runs": 1})
