@@ -224,3 +224,16 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(main())
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model checkpoint dir, or a run dir (its ``model_best``, else ``model_final``)."""
+    p = Path(path)
+    if (p / "model.json").is_file():
+        return p
+    for name in ("model_best", "model_final"):
+        if (p / name / "model.json").is_file():
+            return p / name
+    raise FileNotFoundError(
+        f"{path}: neither a model checkpoint (model.json) nor a run directory with model_best/ or model_final/"
+    )

@@ -91,15 +91,13 @@ def parse_init_times(spec: str) -> np.ndarray:
 
 
 def resolve_model_dir(path) -> Path:
-    """A model checkpoint directory, or a run directory's ``model_best`` (else ``model_final``)."""
-    p = Path(path)
-    if (p / "model.json").is_file():
-        return p
-    for name in ("model_best", "model_final"):
-        if (p / name / "model.json").is_file():
-            return p / name
-    raise ForecastError(f"{path}: neither a model checkpoint (model.json) nor a run directory with "
-                        f"model_best/ or model_final/")
+    """:func:`fcn_jax.checkpoint.resolve_model_dir`, its error as a :class:`ForecastError` (exit status 2)."""
+    from fcn_jax.checkpoint import resolve_model_dir as resolve
+
+    try:
+        return resolve(path)
+    except FileNotFoundError as e:
+        raise ForecastError(str(e)) from None
 
 
 def _run_config(model_dir: Path) -> dict:

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax import checkpoint as model_ckpt
+from fcn_jax.checkpoint import resolve_model_dir
 from fcn_jax.config import ExperimentConfig, dump_experiment
 from fcn_jax.data.errors import DataError
 from fcn_jax.model.afnonet import build_model, shard_model
@@ -76,19 +77,6 @@ class _Preempted:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model checkpoint dir, or a run dir (its ``model_best``, else ``model_final``)."""
-    p = Path(path)
-    if (p / "model.json").is_file():
-        return p
-    for name in ("model_best", "model_final"):
-        if (p / name / "model.json").is_file():
-            return p / name
-    raise FileNotFoundError(
-        f"{path}: neither a model checkpoint (model.json) nor a run directory with model_best/ or model_final/"
-    )
 
 
 class _Logger:
