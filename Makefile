@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-matrix demo bench clean
+.PHONY: venv test test-all test-slow test-matrix demo bench clean
 
 # A Python >= 3.12 for the newest-jax leg of `make test-matrix`: python3.12 on PATH if it runs
 # (a pyenv shim for a version that is not selected does not), else a pyenv install of 3.12.
@@ -21,10 +21,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Whole suite on 8 emulated CPU devices (tests/conftest.py).
+# The suite on 8 emulated CPU devices (tests/conftest.py), without the cases marked slow:
+# about 11 minutes on 2 cores. `make test-all` adds the slow ones (multi-process runs, 16-device
+# self-tests, the remaining meshes, real world generation: about 28 minutes in all).
+PYTEST_ARGS ?=
 test: $(STAMP)
 	@$(PY) -c "import sys, jax, flax; print('python', sys.version.split()[0], '| jax', jax.__version__, '| flax', flax.__version__)"
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Only the cases marked slow.
+test-slow: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # The supported range, as CI checks it: the suite on the default python3 (3.11 resolves jax 0.10.2)
 # and, when a Python 3.12 exists on the machine, on the newest jax/flax it resolves (0.12.x), each
@@ -34,10 +44,6 @@ test-matrix:
 	@if [ -n "$(PYTHON_NEW)" ]; then \
 		$(MAKE) test PYTHON="$(PYTHON_NEW)" VENV=.venv-py312; \
 	else echo "test-matrix: no working Python 3.12 found; newest-jax leg skipped"; fi
-
-# Skip the cases marked slow.
-test-fast: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow"
 
 # The main job on the embedded default (grows with each capability).
 demo: $(STAMP)

@@ -125,6 +125,7 @@ def _tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_writes_identical_store(one_year, tmp_path):
     files, times = one_year
     kw = dict(channels=CH, climatology="doy-hour", clim_window_days=15, block_steps=8, readers=2, progress=False)

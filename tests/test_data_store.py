@@ -88,6 +88,7 @@ def test_unsmoothed_climatology(two_years, tmp_path):
     assert a.attrs["clim_filled_slots"] == 0  # 2004 is a leap year: all 366 x 4 slots have data
 
 
+@pytest.mark.slow
 def test_climatology_bands_match_whole_field(two_years, tmp_path):
     _, files, _, _ = two_years
     kw = dict(channels=["u10"], years="2003", clim_window_days=15, climatology="doy-hour", progress=False)

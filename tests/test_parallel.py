@@ -28,6 +28,12 @@ CFG = ModelConfig(img_size=(32, 64), patch_size=(4, 4), in_channels=4, out_chann
 BATCH = 8
 MESHES = [(1, 1, 1, 1), (8, 1, 1, 1), (1, 8, 1, 1), (1, 4, 1, 1), (1, 1, 2, 4), (1, 2, 2, 2), (2, 2, 2, 1),
           (2, 1, 2, 2), (1, 1, 1, 8), (4, 2, 1, 1)]
+#: Every axis split alone and in a hybrid: run always; the other MESHES are marked slow (``make test-all``).
+FAST_MESHES = {(1, 1, 1, 1), (8, 1, 1, 1), (1, 1, 2, 4), (1, 2, 2, 2), (2, 2, 2, 1)}
+
+
+def _mesh_params(shapes, fast):
+    return [pytest.param(s, id="x".join(map(str, s)), marks=() if s in fast else pytest.mark.slow) for s in shapes]
 WINDOW_SPEC = P("data", None, "height", "width", None)
 
 
@@ -68,7 +74,7 @@ def _expected_counts(shape, depth):
     }
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", _mesh_params(MESHES, FAST_MESHES))
 def test_sharded_forward_and_gradients_equal_single_device(shape, reference):
     mesh = make_mesh(shape)
     with jax.set_mesh(mesh):
@@ -114,7 +120,7 @@ def test_sharded_forward_and_gradients_equal_single_device(shape, reference):
         assert math.prod(int(d) for d in dims.split(",")) <= local_elems, dims
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 2, 2), (2, 1, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", _mesh_params([(1, 2, 2, 2), (2, 1, 2, 2)], {(1, 2, 2, 2)}))
 def test_optimizer_step_on_mesh_equals_single_device(shape):
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     window = _window(k=2, seed=3)
@@ -176,7 +182,7 @@ def test_parameters_and_optimizer_state_memory_fall_with_model_parallelism():
     assert per_device[(1, 2, 2, 2)] < 0.85 * per_device[(1, 1, 1, 1)]
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 2, 2), (2, 1, 1, 4), (1, 1, 2, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", _mesh_params([(1, 1, 2, 2), (2, 1, 1, 4), (1, 1, 2, 1)], {(1, 1, 2, 1)}))
 def test_precipnet_halo_matches_single_device(shape):
     cfg = ModelConfig(img_size=(32, 64), patch_size=(4, 4), in_channels=4, out_channels=1, embed_dim=32, depth=1,
                       mlp_ratio=2.0, num_blocks=4, kind="precip")

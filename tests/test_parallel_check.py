@@ -11,6 +11,8 @@ from fcn_jax.parallel import check
 SMALL = ["--set", "model.img_size=[32,64]", "--set", "model.patch_size=[4,4]", "--set", "model.embed_dim=64",
          "--set", "model.depth=1", "--set", "model.mlp_ratio=2.0"]
 LISTED = ["1,1,1,1", "8,1,1,1", "1,8,1,1", "1,1,2,4", "1,2,2,2", "2,2,2,1", "2,1,2,2"]
+#: test_parallel.py covers each mesh's numerics; here two hybrids run always, the rest are marked slow.
+FAST_LISTED = {"1,2,2,2", "2,2,2,1"}
 
 
 def _run_inprocess(capsys, *args):
@@ -19,7 +21,7 @@ def _run_inprocess(capsys, *args):
     return rc, json.loads(out)
 
 
-@pytest.mark.parametrize("mesh", LISTED)
+@pytest.mark.parametrize("mesh", [pytest.param(m, marks=() if m in FAST_LISTED else pytest.mark.slow) for m in LISTED])
 def test_listed_meshes_pass(mesh, capsys):
     rc, report = _run_inprocess(capsys, "--mesh", mesh)
     assert rc == 0, report

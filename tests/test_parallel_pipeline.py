@@ -228,6 +228,7 @@ def _pure(state):
     return canon(state.params), canon(state.opt_state[0].mu)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_across_stage_counts(tmp_path):
     """Saved stacked on 2 stages -> per-block on a 4-axis mesh, and per-block -> stacked on other 2 stages."""
     from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like

@@ -27,6 +27,7 @@ def store(tmp_path_factory):
     return str(world_store(root, spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
 
 
+@pytest.mark.slow
 def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     pre = tmp_path / "pre"
     cfg = load_experiment("world", world_overrides(store))
@@ -121,6 +122,7 @@ def test_exact_resume_after_sigkill(store, tmp_path):
         assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), step
 
 
+@pytest.mark.slow
 def test_resume_onto_another_mesh(store, tmp_path):
     # 4 steps on (8,1,1,1), then continue on (2,2,2,1): the checkpoint reshards on restore
     ov = world_overrides(store, steps=8, validate_every=100)

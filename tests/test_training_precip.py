@@ -172,6 +172,7 @@ def test_precip_loss_decreases_on_a_fixed_batch(store, backbone):
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_precip_training_through_the_loop_and_the_cli(store, backbone, tmp_path):
     run = tmp_path / "run"
     cfg = load_experiment("world_precip", _overrides(store, backbone))
