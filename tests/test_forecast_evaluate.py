@@ -17,7 +17,7 @@ from fcn_jax.config import ModelConfig
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.store import prepare
 from fcn_jax.forecast_io import ForecastError, ForecastWriter, forecast_to_dataset, read_forecast, write_forecast
-from fcn_jax.model.afnonet import AFNONet, shard_model
+from fcn_jax.model.afnonet import shard_model
 from fcn_jax.normalize import Normalizer
 from fcn_jax.parallel.mesh import make_mesh
 from fcn_jax.rollout import ensemble_chunk, ensemble_rollout, perturb, rollout
@@ -467,7 +467,7 @@ def test_tracker_follows_a_moving_low_in_every_member(tmp_path):
     from fcn_jax import track
 
     lat, lon = S.grid(32, 64, poles=False)
-    n_lead, M = 9, 3
+    n_lead = 9
     speeds = [(0.5, 4.0), (0.0, 5.0), (1.0, 3.0)]
     sp = np.stack([_moving_low(n_lead, lat, lon, speed=s) for s in speeds], axis=1)  # [lead, member, lat, lon]
     path = write_forecast(tmp_path / "f.nc", sp[None, ..., None].astype(np.float32),

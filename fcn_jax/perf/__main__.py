@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 GB = 1e9
@@ -117,13 +116,11 @@ def main(argv=None) -> int:
     batch = exp.train.batch_size
     shape = args.mesh or exp.mesh.shape
     if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
         if shape.index(-1) == 0:
             shape = (batch,) + tuple(shape[1:])
         else:
             print(f"error: mesh {shape}: only data may be -1 here (it becomes the global batch {batch})", file=sys.stderr)
             return 2
-        del known
     hw = get_hardware(args.hardware)
     counts = 2 if exp.train.schedule == "cosine" or exp.train.warmup_steps else 1
     try:

@@ -28,10 +28,9 @@ import math
 from dataclasses import dataclass, field
 
 from fcn_jax.config import ModelConfig
-from fcn_jax.model.spectral import kept_ranges
 from fcn_jax.parallel.mesh import MeshSizes
 from fcn_jax.perf.hardware import Hardware
-from fcn_jax.perf.layouts import LAYOUTS, Collective
+from fcn_jax.perf.layouts import LAYOUTS
 
 #: Flops per element that XLA's HloCostAnalysis counts for the elementwise parts of
 #: the compiled step (jax 0.10.2, XLA:CPU; measured once on the isolated pieces with
