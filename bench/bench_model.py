@@ -37,6 +37,13 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--untuned" in sys.argv:
+    os.environ["FCN_JAX_CPU_TUNING"] = "0"
+
+from fcn_jax.cpu_runtime import tune_cpu_process  # noqa: E402
+
+#: What the command lines do to a CPU process before JAX starts (fcn_jax.cpu_runtime).
+CPU_TUNING = tune_cpu_process()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -278,14 +285,23 @@ def analyse_train_step(cfg, tx, batch):
     }
 
 
-def _median_time(fn, runs: int, warmup: int):
+def _median_time(fn, runs: int, warmup: int, counters: dict | None = None):
+    """(median seconds, every run's seconds); ``counters`` gets page faults and system time per run."""
+    import resource
+
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(runs):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    if counters is not None:
+        # zero-filling fresh pages shows up here (fcn_jax.cpu_runtime.keep_host_memory)
+        counters["page_faults_per_run"] = (r1.ru_minflt - r0.ru_minflt) / runs
+        counters["system_s_per_run"] = (r1.ru_stime - r0.ru_stime) / runs
     return statistics.median(times), times
 
 
@@ -314,7 +330,10 @@ def time_model(cfg, tx, batch, runs, warmup):
         holder["state"], metrics = step_c(holder["state"], x)  # state is donated
         return metrics["loss"]
 
-    res["train_step_s"], res["train_runs_s"] = _median_time(one, runs, warmup)
+    counters = {}
+    res["train_step_s"], res["train_runs_s"] = _median_time(one, runs, warmup, counters)
+    res["train_page_faults_per_step"] = counters["page_faults_per_run"]
+    res["train_system_s_per_step"] = counters["system_s_per_run"]
     res["final_loss"] = float(one())
     return res
 
@@ -331,6 +350,8 @@ def main(argv=None):
     ap.add_argument("--skip-timing", action="store_true", help="memory/FLOPs only: no real model, nothing executed")
     ap.add_argument("--force-timing", action="store_true",
                     help="time even if MemAvailable looks too small for the compiled step's footprint")
+    ap.add_argument("--untuned", action="store_true",
+                    help="leave the process as JAX sets it up (no fcn_jax.cpu_runtime tuning), for A/B timing")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args(argv)
 
@@ -342,6 +363,7 @@ def main(argv=None):
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
+        "cpu_tuning": CPU_TUNING,
     }
 
     analysis = analyse_train_step(cfg, tx, args.batch)

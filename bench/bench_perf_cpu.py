@@ -28,6 +28,10 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from fcn_jax.cpu_runtime import tune_cpu_process  # noqa: E402
+
+tune_cpu_process()  # time what the command lines run (fcn_jax.cpu_runtime)
+
 #: Small configurations (one device, batch 1, float32). ``ref_d2`` is the issue's
 #: reference configuration (360x720, patch 8, 768 wide, 8 blocks) with 2 of its 12 layers.
 CONFIGS = {

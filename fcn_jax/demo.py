@@ -40,9 +40,11 @@ def main(argv=None) -> int:
                     help="extra --set for both training stages")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fcn_jax.cpu_runtime import tune_cpu_process
+
+    tune_cpu_process()  # before the backend starts (see fcn_jax.cpu_runtime)
 
     import jax
-    import numpy as np
 
     from fcn_jax import evaluate, track
     from fcn_jax.config import load_experiment

@@ -41,7 +41,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from fcn_jax.forecast_io import ForecastError, ForecastWriter, channel_attrs
+from fcn_jax.forecast_io import ForecastError, ForecastWriter
 from fcn_jax.rollout import ensemble_rollout, perturb, rollout  # noqa: F401  (the public rollout API)
 
 __all__ = [
@@ -453,6 +453,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ic-file", default=None, help="NetCDF/zarr with the ICs (time dim) instead of the store")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
     args = ap.parse_args(argv)
+    from fcn_jax.cpu_runtime import tune_cpu_process
+
+    tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
 
     from fcn_jax.config import ConfigError
     from fcn_jax.data.errors import DataError

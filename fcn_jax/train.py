@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cpu_devices:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from fcn_jax.cpu_runtime import tune_cpu_process
+
+    tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
     from fcn_jax import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
