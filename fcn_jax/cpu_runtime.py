@@ -1,7 +1,7 @@
 """Process settings that make XLA:CPU train and forecast faster; nothing changes on GPUs.
 
 Two things cost the CPU train step most of its gap to PyTorch (bench/bench_model.py;
-README "Speed on this CPU"), and neither is in the model's code:
+README "Speed on a CPU against the original"), and neither is in the model's code:
 
 * **Fresh pages every step.** XLA:CPU allocates an executable's temporary buffer
   (3.3 GB for the 360x720 train step) with ``posix_memalign`` on one of its worker
@@ -44,6 +44,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+#: Settings this process applied (so a second call reports them as its own, not the user's).
+_APPLIED: list[str] = []
+
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
 
@@ -81,6 +84,8 @@ def prefer_eigen_dots() -> str:
     one known to have it, or when the backend has already started (too late to matter).
     """
     flags = os.environ.get("XLA_FLAGS", "")
+    if f"--{YNN_FLAG_NAME}=" in flags.split() and _APPLIED:
+        return "YNN library fusions off (Eigen dots)"  # set by an earlier call in this process
     if YNN_FLAG_NAME in flags:
         return "kept the user's " + YNN_FLAG_NAME
     if _jaxlib_version() not in _YNN_FLAG_JAXLIB:
@@ -88,6 +93,7 @@ def prefer_eigen_dots() -> str:
     if _backend_started():
         return "backend already started: XLA_FLAGS unchanged"
     os.environ["XLA_FLAGS"] = (flags + f" --{YNN_FLAG_NAME}=").strip()
+    _APPLIED.append(YNN_FLAG_NAME)
     return "YNN library fusions off (Eigen dots)"
 
 
@@ -103,7 +109,12 @@ def keep_host_memory() -> str:
     # thread pools. -1 for the trim threshold is SIZE_MAX inside glibc (its setter takes a
     # size_t): never trim -- an int threshold (<= 2 GiB) would still release the 3.3 GB buffer.
     ok = all(mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
-    return "heap kept between steps (one arena, no mmap, no trim)" if ok else "mallopt refused: allocator unchanged"
+    if not ok:
+        return "mallopt refused: allocator unchanged"
+    if _backend_started():
+        # e.g. forecast.main called in-process after JAX ran: XLA's threads keep their own arenas
+        return "heap kept between steps, except for threads JAX started earlier (they keep their arenas)"
+    return "heap kept between steps (one arena, no mmap, no trim)"
 
 
 def tune_cpu_process() -> dict[str, str]:
