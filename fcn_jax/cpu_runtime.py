@@ -1,26 +1,25 @@
 """Process settings that make XLA:CPU train and forecast faster; nothing changes on GPUs.
 
-Two things cost the CPU train step most of its gap to PyTorch (bench/bench_model.py;
-README "Speed on a CPU against the original"), and neither is in the model's code:
+**Fresh pages every step** cost the CPU train step most of its gap to PyTorch
+(bench/bench_model.py; README "Speed on a CPU against the original"), and it is not
+in the model's code. XLA:CPU allocates an executable's temporary buffer (3.3 GB for
+the 360x720 train step) with ``posix_memalign`` on one of its worker threads. glibc
+serves a request that large from ``mmap`` -- always in a thread's own arena, whatever
+``M_MMAP_THRESHOLD`` says -- and ``munmap``s it on free, so the kernel zero-fills
+3.3 GB of pages on every step: 850 k page faults and ~5 s of system time per step on
+a 2-core VM. :func:`keep_host_memory` routes every thread to the main arena, forbids
+``mmap`` for allocations and stops ``free`` from trimming the heap, so the buffer of
+the previous step is reused (a handful of faults, 0.1 s). The price: the process
+keeps its peak heap until it exits -- which a training or forecast process reaches
+again at every step anyway.
 
-* **Fresh pages every step.** XLA:CPU allocates an executable's temporary buffer
-  (3.3 GB for the 360x720 train step) with ``posix_memalign`` on one of its worker
-  threads. glibc serves a request that large from ``mmap`` -- always in a thread's
-  own arena, whatever ``M_MMAP_THRESHOLD`` says -- and ``munmap``s it on free, so the
-  kernel zero-fills 3.3 GB of pages on every step: 850 k page faults and ~5 s of
-  system time per step on a 2-core VM. :func:`keep_host_memory` routes every thread
-  to the main arena, forbids ``mmap`` for allocations and stops ``free`` from
-  trimming the heap, so the buffer of the previous step is reused (29 k faults,
-  0.4 s). The price: the process keeps its peak heap until it exits -- which a
-  training or forecast process reaches again at every step anyway.
-* **The dot library.** In jaxlib 0.10-0.12, XLA:CPU hands matrix products to its
-  YNNPACK fusions by default; on the MLP's shapes (4050 tokens x 768 <-> 3072)
-  they ran at 60-85 GFLOP/s here against 90-117 for XLA's Eigen path.
-  :func:`prefer_eigen_dots` turns the YNN fusions off through ``XLA_FLAGS``
-  (a CPU-only flag: GPU compiles never read it). Results are the same products
-  and sums to float32 rounding (the model's parity tests hold either way).
+The dot library is left as XLA chooses. Turning XLA's YNNPACK fusions off (Eigen
+dots, ``--xla_cpu_experimental_ynn_fusion_type=``) was tried and dropped: with the
+heap kept it gained nothing on the 360x720 step (10.95 s against 10.50-10.80 s, same
+run) and cost 1.5-2x on the world-sized models (0.6-0.76 s against 1.3-1.5 s per
+batch-16 step) and 2x in the world generator.
 
-:func:`tune_cpu_process` applies both when the process will run on the CPU
+:func:`tune_cpu_process` applies the setting when the process will run on the CPU
 backend, before JAX creates its backend; the command lines call it first. Set
 ``FCN_JAX_CPU_TUNING=0`` to leave the process as it was.
 """
@@ -34,18 +33,10 @@ import os
 import platform
 import sys
 
-#: XLA flag (jaxlib 0.10-0.12) that selects the library fusions of XLA:CPU; empty = none.
-YNN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
-#: jaxlib versions (major, minor) whose XLA knows the flag (an unknown flag aborts XLA).
-_YNN_FLAG_JAXLIB = ((0, 10), (0, 11), (0, 12))
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-
-#: Settings this process applied (so a second call reports them as its own, not the user's).
-_APPLIED: list[str] = []
 
 _GPU_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
@@ -65,36 +56,6 @@ def will_run_on_cpu() -> bool:
 def _backend_started() -> bool:
     xb = sys.modules.get("jax._src.xla_bridge")
     return bool(getattr(xb, "_backends", None))
-
-
-def _jaxlib_version() -> tuple[int, int] | None:
-    try:
-        from importlib.metadata import version
-
-        major, minor = version("jaxlib").split(".")[:2]
-        return int(major), int(minor)
-    except Exception:  # noqa: BLE001 - not installed / odd version string: treat as unknown
-        return None
-
-
-def prefer_eigen_dots() -> str:
-    """Add ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS``; returns what was done.
-
-    Left alone when the user already sets the flag, when the installed jaxlib is not
-    one known to have it, or when the backend has already started (too late to matter).
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if f"--{YNN_FLAG_NAME}=" in flags.split() and _APPLIED:
-        return "YNN library fusions off (Eigen dots)"  # set by an earlier call in this process
-    if YNN_FLAG_NAME in flags:
-        return "kept the user's " + YNN_FLAG_NAME
-    if _jaxlib_version() not in _YNN_FLAG_JAXLIB:
-        return f"jaxlib {_jaxlib_version()} not known to have {YNN_FLAG_NAME}: left out"
-    if _backend_started():
-        return "backend already started: XLA_FLAGS unchanged"
-    os.environ["XLA_FLAGS"] = (flags + f" --{YNN_FLAG_NAME}=").strip()
-    _APPLIED.append(YNN_FLAG_NAME)
-    return "YNN library fusions off (Eigen dots)"
 
 
 def keep_host_memory() -> str:
@@ -118,7 +79,7 @@ def keep_host_memory() -> str:
 
 
 def tune_cpu_process() -> dict[str, str]:
-    """Apply :func:`keep_host_memory` and :func:`prefer_eigen_dots` when the process runs on the CPU.
+    """Apply :func:`keep_host_memory` when the process runs on the CPU.
 
     Call first thing in a command line, before anything starts the JAX backend.
     Returns {setting: what was done}; empty when not applied (GPU backend, or
@@ -128,4 +89,4 @@ def tune_cpu_process() -> dict[str, str]:
         return {}
     if not will_run_on_cpu():
         return {}
-    return {"allocator": keep_host_memory(), "dots": prefer_eigen_dots()}
+    return {"allocator": keep_host_memory()}
