@@ -206,8 +206,10 @@ class TrainConfig:
     steps: int = 126_600  # total optimiser steps of the run
     batch_size: int = 64  # global batch
     #: Autoregressive steps in the loss: 1 = pre-training, 2 = the original fine-tuning.
+    #: In precip mode: PrecipNet learns from the frozen backbone's 1 .. k-step states
+    #: (1 = the original; k = the leads it forecasts at).
     rollout_steps: int = 1
-    #: Weight of each rollout step's loss; empty = all 1 (the original).
+    #: Weight of each rollout step's loss; empty = all 1 (the original; precip mode: all 1/k).
     loss_weights: tuple[float, ...] = ()
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 5e-4

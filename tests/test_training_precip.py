@@ -52,7 +52,7 @@ def _overrides(store, backbone, **train):
         "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8,
         "mesh.data": -1, "train.batch_size": 8, "train.steps": 6, "train.log_every": 1,
         "train.validate_every": 3, "train.checkpoint_every": 3, "train.validate_batches": 1,
-        "train.warmup_steps": 0, "train.backbone_checkpoint": backbone,
+        "train.warmup_steps": 0, "train.backbone_checkpoint": backbone, "train.rollout_steps": 1,
     }
     base.update({f"train.{k}": v for k, v in train.items()})
     return [f"{k}={v}" for k, v in base.items()]
@@ -120,7 +120,7 @@ def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(store, backbone):
     with jax.set_mesh(mesh):
         feed = open_feed(cfg, mesh)
         batch = feed.next_train()
-        assert batch["fields"].shape == (8, 2, 32, 64, 16) and batch["tp"].shape == (8, 32, 64, 1)
+        assert batch["fields"].shape == (8, 2, 32, 64, 16) and batch["tp"].shape == (8, 1, 32, 64, 1)
         assert feed.norm[0].shape == (16,) and feed.climatology.shape == (32, 64, 1)  # inputs only; tp's clim
         np.testing.assert_allclose(np.asarray(feed.norm[0]), ds["mean"].values[:16], rtol=1e-6)
         fields, tp = np.asarray(batch["fields"]), np.asarray(batch["tp"])
@@ -128,7 +128,44 @@ def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(store, backbone):
     for b in range(fields.shape[0]):
         t = int(np.nonzero((x[:, :, :, :16] == fields[b, 0]).all(axis=(1, 2, 3)))[0][0])
         np.testing.assert_array_equal(fields[b, 1], x[t + 1, :, :, :16])
-        np.testing.assert_array_equal(tp[b, :, :, 0], x[t + 1, :, :, 16])
+        np.testing.assert_array_equal(tp[b, 0, :, :, 0], x[t + 1, :, :, 16])
+
+
+def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone):
+    """rollout_steps = k: tp at t+1 .. t+k; PrecipNet on the backbone's 1 .. k-step states, per-lead loss."""
+    from fcn_jax import checkpoint as model_ckpt
+    from fcn_jax.model.afnonet import build_model
+    from fcn_jax.normalize import normalize, precip_to_log
+    from fcn_jax.parallel.mesh import make_mesh
+    from fcn_jax.training.data_feed import open_feed
+    from fcn_jax.training.losses import relative_l2
+    from fcn_jax.training.step import precip_forward
+
+    cfg = load_experiment("world_precip", _overrides(store, backbone, rollout_steps=3, precip_eps=1e-2))
+    mesh = make_mesh((8, 1, 1, 1))
+    x = xr.open_zarr(store)["fields"].transpose("time", "lat", "lon", "channel").values  # [time, lat, lon, C + 1]
+    with jax.set_mesh(mesh):
+        feed = open_feed(cfg, mesh)
+        batch = feed.next_train()
+        mean, std = (np.asarray(a) for a in feed.norm)
+        feed.close()
+        assert batch["fields"].shape == (8, 4, 32, 64, 16) and batch["tp"].shape == (8, 3, 32, 64, 1)
+        fields, tp = np.asarray(batch["fields"]), np.asarray(batch["tp"])
+        for b in range(8):
+            t = int(np.nonzero((x[:, :, :, :16] == fields[b, 0]).all(axis=(1, 2, 3)))[0][0])
+            np.testing.assert_array_equal(tp[b, :, :, :, 0], x[t + 1:t + 4, :, :, 16])
+        wind = model_ckpt.load_model(backbone, mesh=mesh)
+        pnet = build_model(cfg.model, seed=0)
+        nbatch = {"fields": normalize(batch["fields"], mean, std), "tp": batch["tp"]}
+        loss, per_lead, pred = precip_forward(pnet, wind, nbatch, 1e-2)
+        # the same by hand: step the backbone, apply PrecipNet at each lead, relative L2 per lead, mean
+        state, want = nbatch["fields"][:, 0], []
+        for j in range(3):
+            state = wind(state)
+            want.append(float(relative_l2(pnet(state), precip_to_log(batch["tp"][:, j], 1e-2))))
+            np.testing.assert_allclose(np.asarray(pred[:, j]), np.asarray(pnet(state)), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(per_lead), want, rtol=1e-5)
+    assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
 
 
 def test_store_without_tp_is_a_clear_error(store, backbone, tmp_path):

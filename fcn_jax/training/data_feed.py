@@ -8,15 +8,16 @@ validation losses are comparable), ``norm`` (per-channel mean/std on device),
 
 Batches: ``{"fields": [batch@data, k+1, lat@height, lon@width, channel]}`` in
 physical units -- the train step normalises on the device -- plus, for the
-precipitation model, ``"tp": [batch@data, lat@height, lon@width, 1]`` in metres,
-the accumulation over the 6 h ending at the target time.
+precipitation model, ``"tp": [batch@data, k, lat@height, lon@width, 1]`` in metres,
+the accumulations over the 6 h ending at each target time.
 
 Precipitation data: ``tp`` is one more channel of the same store (ERA5's
 convention, fourcastnet-model.md §11.1: ``tp[k]`` is the accumulation over the
-6 h ending at time ``k``). In ``precip`` mode the feed reads windows of k = 1
-with channels ``data.channels + ["tp"]`` and splits each on the device: the
-state at t and t+1 (``fields``, the C input channels) and ``tp`` at t+1 -- the
-state at t pairs with the precipitation of the interval (t, t+1]. Only the C
+6 h ending at time ``k``). In ``precip`` mode the feed reads windows of
+k = ``train.rollout_steps`` (1 in the original's recipe) with channels
+``data.channels + ["tp"]`` and splits each on the device: the states at
+t .. t+k (``fields``, the C input channels) and ``tp`` at t+1 .. t+k -- the
+state at t+j pairs with the precipitation of the interval (t+j-1, t+j]. Only the C
 input channels are z-scored (``norm``); ``tp`` stays in metres.
 """
 
@@ -83,7 +84,7 @@ class Feed:
         self.store = resolve_store(cfg, check=False)
         self.info = info = StoreInfo.read(self.store)  # the one read of the store's description
         self.precip = tcfg.mode == "precip"
-        k = 1 if self.precip else tcfg.rollout_steps
+        k = tcfg.rollout_steps  # precip: PrecipNet is trained on the backbone's 1 .. k-step states
         channels = list(dcfg.channels)
         self.n_channels = len(channels)
         read = channels
@@ -112,15 +113,13 @@ class Feed:
         self._split = None
         if self.precip:
             from fcn_jax.data.pipeline import WINDOW_SPEC
-            from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH
 
             c = self.n_channels
 
-            def split(x):  # x: [batch, 2, lat, lon, C + 1] -> fields [batch, 2, lat, lon, C], tp [batch, lat, lon, 1]
-                return {"fields": x[..., :c], "tp": x[:, 1, :, :, c:]}
+            def split(x):  # x: [batch, k+1, lat, lon, C+1] -> fields [batch, k+1, lat, lon, C], tp [batch, k, lat, lon, 1]
+                return {"fields": x[..., :c], "tp": x[:, 1:, :, :, c:]}  # tp ending at t+1 .. t+k
 
-            shardings = {"fields": NamedSharding(mesh, WINDOW_SPEC),
-                         "tp": NamedSharding(mesh, P(DATA, HEIGHT, WIDTH, None))}
+            shardings = {"fields": NamedSharding(mesh, WINDOW_SPEC), "tp": NamedSharding(mesh, WINDOW_SPEC)}
             self._split = jax.jit(split, out_shardings=shardings)
 
     def _batch(self, x) -> dict:

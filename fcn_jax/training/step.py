@@ -9,7 +9,7 @@ the model's ``shard_map``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from fcn_jax.normalize import normalize, precip_to_log
-from fcn_jax.training.losses import relative_l2, rollout_loss
+from fcn_jax.rollout import rollout_states
+from fcn_jax.training.losses import rollout_loss, step_losses
 
 
 @jax.tree_util.register_dataclass
@@ -71,9 +72,11 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
 
     batch["fields"]: [batch, k+1, lat, lon, channel] normalised states.
     Pre-training / fine-tuning: k-step autoregressive relative L2.
-    Precipitation: the frozen backbone predicts x_{t+1} from x_t (no gradient),
-    PrecipNet maps it to log1p(tp/eps), compared with batch["tp"]: [batch, lat, lon, 1]
-    in metres (the 6 h accumulation ending at t+1). Its loss takes the frozen
+    Precipitation: the frozen backbone rolls x_t out to x_{t+1} .. x_{t+k} (no
+    gradient; k = 1 is the original's recipe), PrecipNet maps each predicted state
+    to log1p(tp/eps), compared with batch["tp"]: [batch, k, lat, lon, 1] in metres
+    (the 6 h accumulations ending at t+1 .. t+k); the loss is the weighted sum of
+    the per-lead relative L2 (default weights 1/k: the mean). Its loss takes the frozen
     parameters as an optional third argument, ``loss_fn(params, batch,
     frozen_params)``: pass them under ``jit`` rather than closing over them --
     a closed-over array becomes a compile-time constant (the whole published
@@ -88,8 +91,8 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
 
         def precip_loss(params, batch, fparams=None):
             wind = nnx.merge(fgraph, fparams_default if fparams is None else fparams)
-            loss, _ = precip_forward(nnx.merge(graphdef, params), wind, batch, precip_eps)
-            return loss, loss[None]
+            loss, per_step, _ = precip_forward(nnx.merge(graphdef, params), wind, batch, precip_eps, loss_weights)
+            return loss, per_step
 
         return precip_loss
 
@@ -100,15 +103,25 @@ def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps
     return loss_fn
 
 
-def precip_forward(model, wind, batch: dict, eps: float):
-    """(relative L2 loss, prediction log1p(tp/eps) [batch, lat, lon, 1]) of the precipitation model.
+def precip_forward(model, wind, batch: dict, eps: float, weights: Sequence[float] | None = None):
+    """(loss, per-lead losses [k], prediction log1p(tp/eps) [batch, k, lat, lon, 1]) of PrecipNet.
 
-    The frozen wind model predicts x_{t+1} from normalised x_t (no gradient);
-    PrecipNet maps it to log1p(tp/eps), compared with log1p(batch["tp"]/eps).
+    The frozen wind model rolls the normalised ``batch["fields"][:, 0]`` out k
+    steps (no gradient), k = ``batch["tp"].shape[1]``; PrecipNet maps every
+    predicted state to log1p(tp/eps), compared with log1p(batch["tp"]/eps) by
+    relative L2 per lead. Training at the leads PrecipNet is used at in a
+    forecast (k > 1) lets it learn what a k-step backbone state can tell about
+    the rain; k = 1 is the original's recipe. ``weights``: one per lead
+    (default 1/k each, the mean, so the loss's scale does not depend on k).
     """
-    x_next = jax.lax.stop_gradient(wind(batch["fields"][:, 0]))
-    pred = model(x_next)
-    return relative_l2(pred, precip_to_log(batch["tp"], eps)), pred
+    tp = batch["tp"]  # tp: [batch, k, lat, lon, 1], metres
+    n, k = tp.shape[:2]
+    states = jax.lax.stop_gradient(rollout_states(wind, batch["fields"][:, 0], k))  # [batch, k, lat, lon, C]
+    # the leads fold into the batch (batch-major, so the data sharding of the batch carries over)
+    pred = model(states.reshape(n * k, *states.shape[2:]))  # [batch * k, lat, lon, 1]
+    pred = pred.reshape(n, k, *pred.shape[1:])
+    loss, per_step = step_losses(pred, precip_to_log(tp, eps), weights or (1.0 / k,) * k)
+    return loss, per_step, pred
 
 
 def normalize_batch(batch: dict, norm) -> dict:

@@ -8,8 +8,9 @@ time-mean climatology, FourCastNet's conventions (square root and correlation
 per sample, then the mean over samples). The reductions run on the global
 sharded arrays, so XLA reduces across ``height``/``width`` and ``data``.
 
-Precipitation mode scores the one channel ``tp`` at the 6 h lead: PrecipNet on
-the frozen backbone's prediction, un-logged to metres
+Precipitation mode scores the one channel ``tp`` at the k leads it trains on
+(6 h for the original's k = 1): PrecipNet on the frozen backbone's 1 .. k-step
+predictions, un-logged to metres
 (``eps * expm1(y)``), against the store's ``tp``; ACC against the time mean of
 ``tp`` (the original's ``precip/time_means.npy``). The validation loss stays
 the training loss on the log-transformed target.
@@ -53,10 +54,10 @@ class Validator:
             model = nnx.merge(graphdef, params)
             fields = batch["fields"]
             if self.mode == "precip":
-                loss, pred_log = precip_forward(model, nnx.merge(fgraph, fparams), batch, eps)
-                per_step = loss[None]
-                preds = precip_to_metres(pred_log, eps)[:, None]  # metres, one lead: [batch, 1, lat, lon, 1]
-                truths = batch["tp"][:, None]
+                loss, per_step, pred_log = precip_forward(model, nnx.merge(fgraph, fparams), batch, eps,
+                                                          loss_weights)
+                preds = precip_to_metres(pred_log, eps)  # metres: [batch, k, lat, lon, 1]
+                truths = batch["tp"]
             else:
                 # one rollout serves both the loss and the scores
                 preds_n = rollout(model, fields[:, 0], fields.shape[1] - 1)  # [batch, k, lat, lon, channel]
