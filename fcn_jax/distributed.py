@@ -17,6 +17,23 @@ from __future__ import annotations
 import os
 
 
+def add_arguments(ap) -> None:
+    """The multi-host flags every entry point shares (``train``, ``forecast``), as an argparse group."""
+    g = ap.add_argument_group("multi-host (jax.distributed; SLURM is detected without flags)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+    g.add_argument("--cpu-devices", type=int, default=0,
+                   help="emulate N CPU devices per process (testing a mesh without accelerators)")
+
+
+def initialize_from_args(args) -> bool:
+    """:func:`initialize` from the flags of :func:`add_arguments` (CPU platform when devices are emulated)."""
+    if args.cpu_devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                cpu_devices: int = 0) -> bool:
     """Start ``jax.distributed`` when this is a multi-process run; returns whether it did."""

@@ -22,7 +22,10 @@ Rollouts are jitted ``lax.scan`` s (:mod:`fcn_jax.rollout`), compiled once per
 chunk shape. Ensemble members are folded into the batch and sharded over the
 mesh's ``data`` axis, ``--member-chunk`` at a time, and each chunk is written to
 the file as soon as it is computed: memory stays bounded by one chunk whatever
-the ensemble size. Everything is checked before the first step (model vs
+the ensemble size. Across hosts, start one process per host with the flags of
+``python -m fcn_jax.train`` (``--coordinator HOST:PORT --num-processes N
+--process-id I``, or under SLURM none): the mesh spans every process's
+devices, each chunk is gathered, and process 0 alone writes. Everything is checked before the first step (model vs
 store channels and grid, init times in the store); on any error no output
 file is left behind.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -41,6 +45,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from fcn_jax import distributed
 from fcn_jax.forecast_io import ForecastError, ForecastWriter
 from fcn_jax.rollout import ensemble_rollout, perturb, rollout  # noqa: F401  (the public rollout API)
 
@@ -331,6 +336,7 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
 
     attrs = {"model": str(model_dir), "store": str(store), "precip_model": str(precip_dir) if pcfg else None,
              "perturbation_std": perturbation_std if members else None, "seed": seed if members else None,
+             "mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items()), "processes": jax.process_count(),
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
     tqdm = _tqdm(progress)
     # multi-host: every process computes (and gathers) each chunk, process 0 alone writes the file
@@ -452,10 +458,15 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", type=_ints, default=None, help="D,C,H,W mesh (default: all devices on data)")
     ap.add_argument("--ic-file", default=None, help="NetCDF/zarr with the ICs (time dim) instead of the store")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.cpu_devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from fcn_jax.cpu_runtime import tune_cpu_process
 
     tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
+    # every process runs the same forecast on its share of the mesh; process 0 writes the file
+    distributed.initialize_from_args(args)
 
     from fcn_jax.config import ConfigError
     from fcn_jax.data.errors import DataError
@@ -472,7 +483,7 @@ def main(argv=None) -> int:
                      precip_dir=args.precip, mesh_shape=args.mesh, ic_file=args.ic_file,
                      batch_size=args.batch_size, member_chunk=args.member_chunk,
                      channels=args.channels.split(",") if args.channels else None,
-                     precip_bound_std=args.precip_bound_std, progress=True)
+                     precip_bound_std=args.precip_bound_std, progress=distributed.is_primary())
     except (ForecastError, DataError, ConfigError, MeshError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from fcn_jax import distributed
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fcn_jax.train", description=__doc__.split("\n\n")[1])
@@ -25,11 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--verify-checkpoints", action="store_true",
                     help="only verify the run directory's checkpoints and exported models, then exit (1: damaged)")
-    dist = ap.add_argument_group("multi-host")
-    dist.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed)")
-    dist.add_argument("--num-processes", type=int, default=None)
-    dist.add_argument("--process-id", type=int, default=None)
-    dist.add_argument("--cpu-devices", type=int, default=0, help="emulate N CPU devices per process")
+    distributed.add_arguments(ap)
     return ap
 
 
@@ -40,9 +38,7 @@ def main(argv=None) -> int:
     from fcn_jax.cpu_runtime import tune_cpu_process
 
     tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
-    from fcn_jax import distributed
-
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
+    distributed.initialize_from_args(args)
 
     from fcn_jax.config import ConfigError, load_experiment
     from fcn_jax.data.errors import DataError

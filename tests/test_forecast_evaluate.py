@@ -245,6 +245,42 @@ def test_forecast_cli_precipitation(store, model_dir, model, tmp_path, capsys):
     assert np.all(ds["tp"].values[:, 1:] <= 1e-5 * np.expm1(y_max) * (1 + 1e-6))
 
 
+@pytest.mark.slow
+def test_forecast_on_two_processes_equals_one(store, model_dir, tmp_path):
+    """jax.distributed: an ensemble with tp over 2 processes x 4 CPU devices = 1 process x 8, one file."""
+    import subprocess
+    import sys
+
+    from multiproc import run_one_and_two_processes
+
+    path, times = store
+    pcfg = ModelConfig(img_size=(16, 32), patch_size=(4, 4), in_channels=3, out_channels=1, embed_dim=16, depth=1,
+                       num_blocks=2, kind="precip")
+    pdir = tmp_path / "precip"
+    model_ckpt.save_model(pdir, _tiny_model(pcfg))
+
+    def cmd(workdir, *extra):
+        os.makedirs(workdir, exist_ok=True)
+        # 8 members in chunks of 8 shard over the 8 devices of either layout: 4 on each process's devices
+        return [sys.executable, "-m", "fcn_jax.forecast", model_dir, "--store", path, "--precip", str(pdir),
+                "--init", f"{times[1]},{times[5]}", "--steps", "3", "--members", "8", "--seed", "2",
+                "--out", str(workdir / "ens.nc"), *extra]
+
+    run_one_and_two_processes(cmd, tmp_path / "one", tmp_path / "two")
+    one, two = read_forecast(tmp_path / "one" / "ens.nc"), read_forecast(tmp_path / "two" / "ens.nc")
+    assert one.sizes == two.sizes == {"init_time": 2, "lead_time": 4, "member": 8, "lat": 16, "lon": 32}
+    # the second really ran as one job over both processes' devices
+    assert (one.attrs["processes"], two.attrs["processes"]) == (1, 2)
+    assert one.attrs["mesh"] == two.attrs["mesh"] == "data=8,channel=1,height=1,width=1"
+    for c in [*CHANNELS, "tp"]:
+        np.testing.assert_allclose(two[c].values, one[c].values, rtol=1e-5, atol=1e-5 * np.abs(one[c].values).max(),
+                                   err_msg=c)
+    # one writer: nothing else in the directory (no second file, no temporary left behind)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["ens.nc"]
+    usage = subprocess.run([sys.executable, "-m", "fcn_jax.forecast", "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--coordinator" in usage.stdout and "--cpu-devices" in usage.stdout
+
+
 def test_forecast_from_a_converted_original_checkpoint(store, model, tmp_path, capsys):
     """Original-format .ckpt -> python -m fcn_jax.convert -> python -m fcn_jax.forecast: shapes and values."""
     import textwrap
