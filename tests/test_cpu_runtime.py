@@ -66,3 +66,19 @@ def test_will_run_on_cpu_reads_jax_platforms(monkeypatch):
     assert cpu_runtime.will_run_on_cpu()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert not cpu_runtime.will_run_on_cpu()
+
+
+def test_a_call_after_the_backend_started_says_so():
+    # e.g. forecast.main run in-process after other JAX work: XLA's threads already hold their arenas
+    code = ("import jax, jax.numpy as jnp; jnp.ones(3).block_until_ready(); "
+            "from fcn_jax.cpu_runtime import keep_host_memory; print(keep_host_memory())")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout.strip().splitlines()[-1]
+    if sys.platform == "linux":
+        assert said.startswith("heap kept") and "threads JAX started earlier" in said, said
+    # and before any JAX work the same call claims no exception
+    early = subprocess.run([sys.executable, "-c", "from fcn_jax.cpu_runtime import keep_host_memory; "
+                            "print(keep_host_memory())"], capture_output=True, text=True, env=env, timeout=300)
+    assert early.returncode == 0 and "earlier" not in early.stdout, early.stderr[-3000:]
