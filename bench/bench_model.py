@@ -49,12 +49,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from fcn_jax.config import ModelConfig  # noqa: E402
-from fcn_jax.model.afnonet import AFNONet, count_params, param_shardings  # noqa: E402
-from fcn_jax.training.step import TrainState, init_train_state, make_train_step  # noqa: E402
+from fcn_jax.model.afnonet import AFNONet  # noqa: E402
+# the abstract (nothing allocated) train inputs and XLA's own numbers, shared with the performance model's check
+from fcn_jax.perf.compiler import abstract_train_inputs, cost_flops, memory_stats  # noqa: E402
+from fcn_jax.training.step import init_train_state, make_train_step  # noqa: E402
 
 GB = 1e9
 #: Seed talk, per sample (jax-notes §13): 0.25 deg / patch 8 / 12 blocks.
@@ -63,7 +63,6 @@ SEED_RUNNING_GB = 3.4
 #: jax-notes §13: XLA:CPU temp bytes measured for a straightforward JAX port.
 NOTES_TEMP_GB = {False: 17.2, True: 19.5}  # keyed by remat
 NOTES_TFLOP_PER_SAMPLE = 6.05
-WINDOW_SPEC = P("data", None, "height", "width", None)
 
 
 # --------------------------------------------------------------------------- #
@@ -111,64 +110,6 @@ def describe(cfg: ModelConfig) -> str:
         f"{cfg.in_channels} ch, embed {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_blocks} AFNO blocks, "
         f"{cfg.compute_dtype}{', remat' if cfg.remat else ''}"
     )
-
-
-def _is_var(v) -> bool:
-    return isinstance(v, nnx.Variable)
-
-
-def abstract_train_inputs(cfg: ModelConfig, mesh, tx, global_batch: int, rollout: int = 1):
-    """(graphdef, abstract TrainState, abstract window), every leaf a sharded ShapeDtypeStruct.
-
-    Nothing of the model's size is allocated: the model comes from ``nnx.eval_shape``,
-    the optimiser state from ``jax.eval_shape(tx.init, ...)``; parameter shardings from
-    :func:`param_shardings`; optimiser subtrees shaped like the parameters get the
-    parameters' shardings and everything else is replicated (as ``init_opt_state``).
-    """
-    abstract_model = nnx.eval_shape(lambda: AFNONet(cfg, seed=0))
-    graphdef, params = nnx.split(abstract_model, nnx.Param)
-    shardings = param_shardings(abstract_model, mesh)
-    params = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), params, shardings, is_leaf=_is_var
-    )
-    replicated = NamedSharding(mesh, P())
-    param_def = jax.tree.structure(params)
-    param_sds = jax.tree.map(lambda x: x.sharding, params)
-
-    def is_param_tree(node):
-        return jax.tree.structure(node) == param_def
-
-    opt_abstract = jax.eval_shape(tx.init, params)
-    opt_shardings = jax.tree.map(
-        lambda node: param_sds if is_param_tree(node) else replicated, opt_abstract, is_leaf=is_param_tree
-    )
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_shardings
-    )
-    state = TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
-    window = jax.ShapeDtypeStruct(
-        (global_batch, rollout + 1, *cfg.img_size, cfg.in_channels), jnp.float32,
-        sharding=NamedSharding(mesh, WINDOW_SPEC),
-    )
-    return graphdef, state, window, count_params(abstract_model)
-
-
-def memory_stats(compiled) -> dict:
-    m = compiled.memory_analysis()
-    out = {
-        k: int(getattr(m, k + "_size_in_bytes"))
-        for k in ("argument", "output", "alias", "temp", "generated_code")
-    }
-    out["peak_memory"] = int(getattr(m, "peak_memory_in_bytes", -1))
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    return out
-
-
-def flops(compiled_or_lowered) -> float:
-    ca = compiled_or_lowered.cost_analysis()
-    if isinstance(ca, (list, tuple)):  # older JAX returned a list of dicts
-        ca = ca[0] if ca else {}
-    return float((ca or {}).get("flops", float("nan")))
 
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
@@ -279,8 +220,8 @@ def analyse_train_step(cfg, tx, batch):
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
         "memory": memory_stats(compiled),
-        "flops_compiled": flops(compiled),
-        "flops_lowered": flops(lowered),
+        "flops_compiled": cost_flops(compiled),
+        "flops_lowered": cost_flops(lowered),
         "hlo_census": hlo_census(compiled.as_text()),
     }
 

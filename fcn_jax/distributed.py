@@ -31,6 +31,11 @@ def initialize_from_args(args) -> bool:
     """:func:`initialize` from the flags of :func:`add_arguments` (CPU platform when devices are emulated)."""
     if args.cpu_devices:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        # jax reads JAX_PLATFORMS when it is imported: a command line that imported it already
+        # (forecast) must set the option too
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     return initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
 
 

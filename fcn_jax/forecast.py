@@ -47,6 +47,7 @@ import numpy as np
 
 from fcn_jax import distributed
 from fcn_jax.forecast_io import ForecastError, ForecastWriter
+from fcn_jax.config import parse_mesh_arg
 from fcn_jax.rollout import ensemble_rollout, perturb, rollout  # noqa: F401  (the public rollout API)
 
 __all__ = [
@@ -429,16 +430,6 @@ def _tqdm(enabled: bool):
 # --------------------------------------------------------------------------- #
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        v = tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh {s!r}: give four integers D,C,H,W (-1 = the rest)") from None
-    if len(v) != 4:
-        raise argparse.ArgumentTypeError(f"--mesh {s!r}: give four integers D,C,H,W")
-    return v
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fcn_jax.forecast", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -455,7 +446,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precip", default=None, help="precipitation model dir: adds tp (metres)")
     ap.add_argument("--precip-bound-std", type=float, default=10.0,
                     help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")
-    ap.add_argument("--mesh", type=_ints, default=None, help="D,C,H,W mesh (default: all devices on data)")
+    ap.add_argument("--mesh", type=parse_mesh_arg, default=None, help="D,C,H,W mesh (default: all devices on data)")
     ap.add_argument("--ic-file", default=None, help="NetCDF/zarr with the ICs (time dim) instead of the store")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
     distributed.add_arguments(ap)

@@ -430,3 +430,21 @@ def test_modelconfig_direct_construction():
         dataclasses.replace(m, kind="precip")
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.depth = 3  # type: ignore[misc]
+
+
+def test_mesh_flag_parser_shared_by_the_command_lines():
+    import argparse
+
+    from fcn_jax.config import parse_mesh_arg
+
+    assert parse_mesh_arg("2,1,2,2") == (2, 1, 2, 2)
+    assert parse_mesh_arg("-1,1,1,2") == (-1, 1, 1, 2)
+    for bad, said in (("2,2", "four sizes .* got 2"), ("a,1,1,1", "four integers"), ("", "four integers")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            parse_mesh_arg(bad)
+    # forecast, perf and parallel.check report it as a usage error (exit status 2) naming the flag
+    from fcn_jax import forecast
+
+    with pytest.raises(SystemExit) as e:
+        forecast.main(["m", "--store", "s", "--init", "2003-01-01", "--steps", "1", "--out", "o.nc", "--mesh", "1,2"])
+    assert e.value.code == 2

@@ -36,15 +36,7 @@ import math
 import os
 import sys
 
-
-def _parse_mesh(text: str) -> tuple[int, int, int, int]:
-    try:
-        sizes = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected four integers D,C,H,W") from None
-    if len(sizes) != 4:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected four sizes D,C,H,W (data, channel, height, width)")
-    return sizes  # type: ignore[return-value]
+from fcn_jax.config import parse_mesh_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parameter gradients, and the collectives of the compiled train step.",
     )
     ap.add_argument("--experiment", required=True, help="experiment name under experiments/ or a YAML path")
-    ap.add_argument("--mesh", required=True, type=_parse_mesh, action="append",
+    ap.add_argument("--mesh", required=True, type=parse_mesh_arg, action="append",
                     help="D,C,H,W sizes; -1 = remaining devices (repeatable: each mesh is checked in turn)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override an experiment value (repeatable)")

@@ -6,17 +6,9 @@ import argparse
 import json
 import sys
 
+from fcn_jax.config import parse_mesh_arg
+
 GB = 1e9
-
-
-def _mesh_arg(text: str):
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh wants four integers D,C,H,W, got {text!r}")
-    if len(shape) != 4:
-        raise argparse.ArgumentTypeError(f"--mesh wants four sizes (data, channel, height, width), got {text!r}")
-    return shape
 
 
 def _fmt_s(t: float) -> str:
@@ -64,7 +56,7 @@ def main(argv=None) -> int:
         description="Predicted FLOPs, memory, communication and time of an experiment's train step, forward pass "
                     "and time to solution (speed of light, no overlap).")
     ap.add_argument("--experiment", default="afno_backbone", help="experiment name or YAML path")
-    ap.add_argument("--mesh", type=_mesh_arg, metavar="D,C,H,W",
+    ap.add_argument("--mesh", type=parse_mesh_arg, metavar="D,C,H,W",
                     help="mesh sizes; default: the experiment's, with -1 = one sample per data shard")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.remat=true")
     ap.add_argument("--hardware", default="a100-80gb", choices=sorted(HARDWARE) + ["cpu"])
