@@ -25,9 +25,9 @@ the file as soon as it is computed: memory stays bounded by one chunk whatever
 the ensemble size. Across hosts, start one process per host with the flags of
 ``python -m fcn_jax.train`` (``--coordinator HOST:PORT --num-processes N
 --process-id I``, or under SLURM none): the mesh spans every process's
-devices, each chunk is gathered, and process 0 alone writes. Everything is checked before the first step (model vs
-store channels and grid, init times in the store); on any error no output
-file is left behind.
+devices, each chunk is gathered, and process 0 alone writes. Everything is
+checked before the first step (model vs store channels and grid, init times in
+the store); on any error no output file is left behind.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import jax
 import numpy as np
 
 from fcn_jax import distributed
-from fcn_jax.forecast_io import ForecastError, ForecastWriter
 from fcn_jax.config import parse_mesh_arg
+from fcn_jax.forecast_io import ForecastError, ForecastWriter
 from fcn_jax.rollout import ensemble_rollout, perturb, rollout  # noqa: F401  (the public rollout API)
 
 __all__ = [

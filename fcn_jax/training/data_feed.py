@@ -116,8 +116,10 @@ class Feed:
 
             c = self.n_channels
 
-            def split(x):  # x: [batch, k+1, lat, lon, C+1] -> fields [batch, k+1, lat, lon, C], tp [batch, k, lat, lon, 1]
-                return {"fields": x[..., :c], "tp": x[:, 1:, :, :, c:]}  # tp ending at t+1 .. t+k
+            def split(x):
+                # x: [batch, k+1, lat, lon, C+1] -> fields [batch, k+1, lat, lon, C],
+                # tp [batch, k, lat, lon, 1]: the accumulations ending at t+1 .. t+k
+                return {"fields": x[..., :c], "tp": x[:, 1:, :, :, c:]}
 
             shardings = {"fields": NamedSharding(mesh, WINDOW_SPEC), "tp": NamedSharding(mesh, WINDOW_SPEC)}
             self._split = jax.jit(split, out_shardings=shardings)
