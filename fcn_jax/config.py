@@ -149,7 +149,6 @@ def parse_mesh_arg(text: str) -> tuple[int, int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
-
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh sizes; -1 means 'all remaining devices' (at most one axis)."""

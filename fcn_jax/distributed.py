@@ -15,6 +15,7 @@ the data (see :mod:`fcn_jax.data.pipeline`); only process 0 writes logs.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def add_arguments(ap) -> None:
@@ -27,15 +28,21 @@ def add_arguments(ap) -> None:
                    help="emulate N CPU devices per process (testing a mesh without accelerators)")
 
 
-def initialize_from_args(args) -> bool:
-    """:func:`initialize` from the flags of :func:`add_arguments` (CPU platform when devices are emulated)."""
+def start_from_args(args) -> bool:
+    """A command line's start-up from the flags of :func:`add_arguments`, in the order it needs.
+
+    1. ``--cpu-devices``: the CPU platform (``JAX_PLATFORMS=cpu`` unless the user set one; also the
+       jax option, since jax reads the variable when it is imported);
+    2. :func:`fcn_jax.cpu_runtime.tune_cpu_process` -- before the backend starts, CPU only;
+    3. :func:`initialize` (``jax.distributed`` when this is a multi-process run; returns whether it is).
+    """
     if args.cpu_devices:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        import jax
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+    from fcn_jax.cpu_runtime import tune_cpu_process
 
-        # jax reads JAX_PLATFORMS when it is imported: a command line that imported it already
-        # (forecast) must set the option too
-        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+    tune_cpu_process()
     return initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
 
 

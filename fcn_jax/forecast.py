@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -451,13 +450,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
-    if args.cpu_devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from fcn_jax.cpu_runtime import tune_cpu_process
-
-    tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
-    # every process runs the same forecast on its share of the mesh; process 0 writes the file
-    distributed.initialize_from_args(args)
+    # platform, CPU tuning, jax.distributed; every process then runs the same forecast on its share
+    # of the mesh and process 0 writes the file
+    distributed.start_from_args(args)
 
     from fcn_jax.config import ConfigError
     from fcn_jax.data.errors import DataError

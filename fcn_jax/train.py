@@ -33,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cpu_devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from fcn_jax.cpu_runtime import tune_cpu_process
-
-    tune_cpu_process()  # before the backend starts; CPU only (see fcn_jax.cpu_runtime)
-    distributed.initialize_from_args(args)
+    distributed.start_from_args(args)  # platform, CPU tuning, jax.distributed: before anything runs on JAX
 
     from fcn_jax.config import ConfigError, load_experiment
     from fcn_jax.data.errors import DataError

@@ -432,7 +432,7 @@ def test_modelconfig_direct_construction():
         m.depth = 3  # type: ignore[misc]
 
 
-def test_mesh_flag_parser_shared_by_the_command_lines():
+def test_mesh_flag_parser_shared_by_the_command_lines(capsys):
     import argparse
 
     from fcn_jax.config import parse_mesh_arg
@@ -444,7 +444,12 @@ def test_mesh_flag_parser_shared_by_the_command_lines():
             parse_mesh_arg(bad)
     # forecast, perf and parallel.check report it as a usage error (exit status 2) naming the flag
     from fcn_jax import forecast
+    from fcn_jax.parallel import check
+    from fcn_jax.perf import __main__ as perf_cli
 
-    with pytest.raises(SystemExit) as e:
-        forecast.main(["m", "--store", "s", "--init", "2003-01-01", "--steps", "1", "--out", "o.nc", "--mesh", "1,2"])
-    assert e.value.code == 2
+    for main, argv in ((forecast.main, ["m", "--store", "s", "--init", "2003-01-01", "--steps", "1", "--out", "o.nc"]),
+                       (perf_cli.main, []), (check.main, ["--experiment", "world"])):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--mesh", "1,2"])
+        assert e.value.code == 2, main.__module__
+    assert "--mesh '1,2': expected four sizes" in capsys.readouterr().err

@@ -168,6 +168,23 @@ def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone)
     assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
 
 
+def test_multi_lead_precip_through_the_loop_validates_every_lead(store, backbone, tmp_path):
+    """rollout_steps = 2 in the loop: training and validation records carry one loss and one tp score per lead."""
+    run = tmp_path / "run"
+    cfg = load_experiment("world_precip", _overrides(store, backbone, steps=2, validate_every=2, checkpoint_every=2,
+                                                     rollout_steps=2, precip_eps=1e-2))
+    assert train(cfg, run, progress=False)["final_step"] == 2
+    steps = [r for r in _records(run) if "loss" in r and r.get("kind") != "validation"]
+    assert all(len(r["loss_per_step"]) == 2 for r in steps)
+    for r in steps:  # default weights 1/k: the loss is the mean of the per-lead losses
+        assert r["loss"] == pytest.approx(np.mean(r["loss_per_step"]), rel=1e-5)
+    (val,) = [r for r in _records(run) if r.get("kind") == "validation"]
+    assert val["lead_hours"] == [6, 12] and len(val["val_loss_per_step"]) == 2
+    assert val["val_loss"] == pytest.approx(np.mean(val["val_loss_per_step"]), rel=1e-5)
+    assert len(val["rmse"]["tp"]) == len(val["acc"]["tp"]) == 2
+    assert all(0 < v < 0.05 for v in val["rmse"]["tp"])  # metres
+
+
 def test_store_without_tp_is_a_clear_error(store, backbone, tmp_path):
     from fcn_jax.data.store import prepare
 
