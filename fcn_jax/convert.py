@@ -247,9 +247,123 @@ def save_torch_checkpoint(model, path: str | Path, ddp_prefix: bool = True) -> N
     torch_format.save({"iters": 0, "epoch": 0, "model_state": state}, path)
 
 
+# --------------------------------------------------------------------------- #
+# The release's statistics (stats_v0: global_means.npy, global_stds.npy, time_means.npy)
+# --------------------------------------------------------------------------- #
+
+
+class StatsError(ValueError):
+    """A statistics file does not fit the model (the message names the file and both shapes)."""
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    try:
+        return np.load(path, allow_pickle=False)  # never unpickle objects from a data file
+    except ValueError as e:
+        raise StatsError(f"{path}: not a plain NumPy array file ({e})") from None
+
+
+def stats_layout(n: int, channels) -> list:
+    """Channel name at each index of a release statistics array with ``n`` channels.
+
+    21: the original's HDF5 layout (the 20 channels + an unused 21st); 26: v0.1's
+    channels; otherwise the array must list exactly the experiment's channels.
+    """
+    from fcn_jax.data.channels import FCN_26, FCN_HDF5_LAYOUT
+
+    if n == len(FCN_HDF5_LAYOUT):
+        return list(FCN_HDF5_LAYOUT)
+    if n == len(FCN_26):
+        return list(FCN_26)
+    if n == len(channels):
+        return list(channels)
+    return []
+
+
+def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone", precip_eps: float = 1e-5,
+                       time_means: str | Path | None = None):
+    """``(package, climatology)`` for :func:`fcn_jax.checkpoint.save_model` from the release's files.
+
+    ``stats_dir`` holds ``global_means.npy`` and ``global_stds.npy`` of shape
+    ``(1, N, 1, 1)`` and optionally ``time_means.npy`` ``(1, N, H, W)`` (N = 21
+    for the original layout; the experiment's ``channels`` are picked by the
+    original's index list). For a precipitation model the climatology is
+    ``tp``'s: ``time_means`` if given, else ``stats_dir/precip/time_means.npy``
+    ``(1, 1, H, W)`` in metres. The model grid is the first ``img_size[0]`` rows
+    of the statistics' pole-to-pole grid (721 rows -> the original's 720).
+    """
+    from fcn_jax import checkpoint
+    from fcn_jax.data.channels import channel_names
+    from fcn_jax.integrity import file_crc32c
+
+    d = Path(stats_dir)
+    channels = channel_names(channels)
+    h, w = map(int, img_size)
+    files = {}
+    arrays = {}
+    for name in ("global_means", "global_stds"):
+        f = d / f"{name}.npy"
+        a = _load_npy(f)
+        files[f.name] = f
+        if a.ndim != 4 or a.shape[0] != 1 or a.shape[2:] != (1, 1):
+            raise StatsError(f"{f}: shape {a.shape}, expected (1, N, 1, 1) with N = 21 (the original's layout) "
+                             f"or {len(channels)} (the experiment's channels)")
+        arrays[name] = a.reshape(-1).astype(np.float64)
+    if arrays["global_means"].shape != arrays["global_stds"].shape:
+        raise StatsError(f"{d}: global_means.npy has {arrays['global_means'].size} channels but global_stds.npy "
+                         f"{arrays['global_stds'].size}")
+    n = arrays["global_means"].size
+    layout = stats_layout(n, channels)
+    missing = [c for c in channels if c not in layout]
+    if missing:
+        raise StatsError(f"{d / 'global_means.npy'}: shape (1, {n}, 1, 1) does not hold the experiment's channels "
+                         f"{missing}; expected 21 entries (the original's layout) or the {len(channels)} channels "
+                         f"{channels} in order")
+    idx = [layout.index(c) for c in channels]
+    mean, std = arrays["global_means"][idx], arrays["global_stds"][idx]
+    if np.any(~np.isfinite(std)) or np.any(std <= 0):
+        raise StatsError(f"{d / 'global_stds.npy'}: non-positive or non-finite std for "
+                         f"{[c for c, s in zip(channels, std) if not (np.isfinite(s) and s > 0)]}")
+    if kind == "precip":
+        tm_path = Path(time_means) if time_means else d / "precip" / "time_means.npy"
+        scored, tm_idx = ["tp"], [0]
+    else:
+        tm_path = Path(time_means) if time_means else d / "time_means.npy"
+        scored, tm_idx = channels, idx
+    hs = h + 1  # the original's grid: 721 rows pole to pole, the model sees the first 720
+    clim = None
+    if tm_path.is_file():
+        tm = _load_npy(tm_path)
+        files[str(tm_path.relative_to(d)) if tm_path.is_relative_to(d) else str(tm_path)] = tm_path
+        want_c = 1 if kind == "precip" else n
+        if tm.ndim != 4 or tm.shape[0] != 1 or tm.shape[1] != want_c or tm.shape[3] != w or tm.shape[2] not in (h, h + 1):
+            raise StatsError(f"{tm_path}: shape {tm.shape}, expected (1, {want_c}, {h + 1} or {h}, {w}) for a "
+                             f"{kind} model on a {h} x {w} grid with {n}-entry statistics")
+        hs = tm.shape[2] if tm.shape[2] == h + 1 else h + 1
+        clim_arr = tm[0, tm_idx, :h, :].astype(np.float32)  # the original: rows 0 .. img_shape_x - 1
+    elif time_means:
+        raise FileNotFoundError(f"{tm_path}: not found")
+    lat = np.linspace(90.0, -90.0, hs)[:h]
+    lon = np.arange(w) * (360.0 / w)
+    if tm_path.is_file():
+        clim = checkpoint.climatology_dataset(clim_arr, scored, lat, lon,
+                                              source=f"release time mean {tm_path.name} (rows 0..{h - 1})")
+    package = checkpoint.package_metadata(
+        channels=channels, mean=mean, std=std, lat=lat, lon=lon, time_step_hours=6.0,
+        out_channels=["tp"] if kind == "precip" else channels,
+        precip={"eps": precip_eps} if kind == "precip" else None,
+        provenance={"statistics": "release files " + ", ".join(sorted(files)),
+                    "stats_files": {k: {"path": str(v.resolve()), "crc32c": file_crc32c(v)} for k, v in files.items()},
+                    "stats_channel_index": idx})
+    return package, clim
+
+
 def main(argv=None) -> int:
     from fcn_jax import checkpoint
     from fcn_jax.config import ConfigError, load_experiment
+    from fcn_jax.data.errors import DataError
 
     ap = argparse.ArgumentParser(
         prog="python -m fcn_jax.convert",
@@ -261,20 +375,49 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output directory (must not exist)")
     ap.add_argument("--kind", choices=["backbone", "precip"], default=None,
                     help="default: the experiment's model.kind")
+    ap.add_argument("--stats", default=None, metavar="DIR",
+                    help="the release's statistics: DIR/global_means.npy, global_stds.npy (1, 21, 1, 1) and "
+                         "time_means.npy (1, 21, 721, 1440); for precip.ckpt DIR/precip/time_means.npy")
+    ap.add_argument("--time-means", default=None, metavar="NPY",
+                    help="the climatology file, when not at its place under --stats")
+    ap.add_argument("--store", default=None,
+                    help="take statistics, grid and climatology from a prepared store instead of --stats")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     try:
         cfg = load_experiment(args.experiment, args.overrides)
         kind = args.kind or cfg.model.kind
         model_cfg = dataclasses.replace(cfg.model, kind=kind, out_channels=1 if kind == "precip" else cfg.model.out_channels)
+        if args.stats and args.store:
+            raise StatsError("give --stats (the release's files) or --store (a prepared store), not both")
+        package = clim = None
+        if args.stats:
+            package, clim = read_release_stats(args.stats, cfg.data.channels, model_cfg.img_size, kind=kind,
+                                               precip_eps=cfg.train.precip_eps, time_means=args.time_means)
+        elif args.store:
+            from fcn_jax.data.catalog import resolve_store
+
+            package, clim = checkpoint.package_from_store(resolve_store(args.store), cfg.data.channels, kind=kind,
+                                                          precip_eps=cfg.train.precip_eps, experiment=cfg.name)
+        if package is not None:
+            package["provenance"].update(source_checkpoint=str(Path(args.ckpt).resolve()), experiment=cfg.name)
         model = load_torch_checkpoint(args.ckpt, model_cfg, kind)
-        checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name})
-    except (ConfigError, CheckpointFormatError, FileNotFoundError, FileExistsError) as e:
+        checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name},
+                              package=package, climatology=clim)
+    except (ConfigError, CheckpointFormatError, StatsError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fcn_jax.model.afnonet import count_params
 
-    print(f"wrote {args.out}: {kind}, {count_params(model):,} parameters")
+    print(f"wrote {args.out}: {kind}, {count_params(model):,} parameters"
+          + ("" if package is None else f"; statistics of {len(package['channels'])} channels"
+             + (", climatology" if clim is not None else ", no climatology")))
+    if package is None:
+        print("note: no --stats or --store: the model carries no normalisation statistics; forecast and evaluate "
+              "will need a store's (give the release's stats with --stats DIR)", file=sys.stderr)
     return 0
 
 

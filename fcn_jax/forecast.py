@@ -1,22 +1,31 @@
-"""``python -m fcn_jax.forecast``: deterministic and ensemble forecasts from a trained model.
+"""``python -m fcn_jax.forecast``: deterministic and ensemble forecasts from a model package.
 
-    python -m fcn_jax.forecast MODEL_DIR --store STORE --init TIMES --steps N \\
+    python -m fcn_jax.forecast MODEL_DIR --ic-file SOURCE [SOURCE ...] --init TIMES --steps N \\
         [--members M --perturbation-std S --seed K] [--precip PRECIP_MODEL_DIR] \\
-        [--mesh D,C,H,W] --out PATH.nc|PATH.zarr
+        [--regrid] [--member K] [--mesh D,C,H,W] --out PATH.nc|PATH.zarr
+    python -m fcn_jax.forecast MODEL_DIR --store STORE --init TIMES --steps N --out PATH
 
-``MODEL_DIR``: an exported model (``model_best``/``model_final``, or a run
-directory holding them, or a converted original checkpoint). ``TIMES``: a
-comma list of ISO times (``2003-01-01T00,2003-01-04T00``) or a range
-``START/END/STRIDE`` (``2003-01-01T00/2003-03-01T00/72h``, both ends included
-when on the stride). Initial conditions come from the store, or from
-``--ic-file`` (NetCDF/zarr with a ``time`` dim, one time per IC, and one
-variable per channel on the store's grid).
+``MODEL_DIR``: a model package (``model_best``/``model_final``, a run directory
+holding them, or ``python -m fcn_jax.convert``'s output): it carries the
+channels, normalisation statistics, grid and time step
+(:mod:`fcn_jax.checkpoint`), so no training store is needed. ``SOURCE``: the
+analysis to start from -- the original's HDF5 year files, CDS netCDF (new,
+legacy, cfgrib-style), GRIB (ERA5, IFS, GFS), WeatherBench 2 / ARCO zarr (path
+or URL), a NetCDF/zarr in fcn_jax's layout, or a store
+(:mod:`fcn_jax.data.analysis`). Its grid is fitted as the original does: a
+721-row 0.25 deg source feeds a 720-row model its first 720 rows; any other
+mismatch is an error naming both grids unless ``--regrid`` (bilinear, stated in
+the output's ``grid`` attribute). ``TIMES``: a comma list of ISO times
+(``2003-01-01T00,2003-01-04T00``) or a range ``START/END/STRIDE``
+(``2003-01-01T00/2003-03-01T00/72h``, both ends included when on the stride).
 
 The file (:mod:`fcn_jax.forecast_io`): one variable per channel in physical
 units, dims ``(init_time, lead_time, [member], lat, lon)``, lead 0 = the IC,
-``valid_time`` coordinate, CF attributes. With ``--precip`` a ``tp`` variable
-in metres: PrecipNet on the backbone's output at every lead (the original's
-precipitation inference); lead 0 holds the store's ``tp`` when it has one.
+``valid_time`` coordinate, CF attributes, and attributes saying which model,
+source, grid fitting and statistics made it. With ``--precip`` a ``tp``
+variable in metres: PrecipNet on the backbone's output at every lead (the
+original's precipitation inference); lead 0 holds the source's ``tp`` when it
+has one.
 
 Rollouts are jitted ``lax.scan`` s (:mod:`fcn_jax.rollout`), compiled once per
 chunk shape. Ensemble members are folded into the batch and sharded over the
@@ -26,14 +35,13 @@ the ensemble size. Across hosts, start one process per host with the flags of
 ``python -m fcn_jax.train`` (``--coordinator HOST:PORT --num-processes N
 --process-id I``, or under SLURM none): the mesh spans every process's
 devices, each chunk is gathered, and process 0 alone writes. Everything is
-checked before the first step (model vs store channels and grid, init times in
-the store); on any error no output file is left behind.
+checked before the first step (model vs source channels and grid, init times in
+the source); on any error no output file is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -57,6 +65,7 @@ __all__ = [
     "parse_init_times",
     "resolve_model_dir",
     "model_channels",
+    "read_model_package",
     "run_forecast",
     "main",
 ]
@@ -105,119 +114,26 @@ def resolve_model_dir(path) -> Path:
         raise ForecastError(str(e)) from None
 
 
-def _run_config(model_dir: Path) -> dict:
-    """The training run's resolved experiment (``../config.yaml``), or ``{}``."""
-    import yaml
+def read_model_package(path, what: str = "MODEL_DIR"):
+    """:func:`fcn_jax.checkpoint.read_package`, verified; its errors as :class:`ForecastError`."""
+    from fcn_jax.checkpoint import read_package
+    from fcn_jax.integrity import IntegrityError
 
-    for cand in (model_dir / "config.yaml", model_dir.parent / "config.yaml"):
-        if cand.is_file():
-            return yaml.safe_load(cand.read_text()) or {}
-    return {}
+    try:
+        return read_package(resolve_model_dir(path))
+    except (IntegrityError, ValueError) as e:
+        raise ForecastError(f"{what} {path}: {e}") from None
 
 
 def model_channels(model_dir, override: Sequence[str] | None = None) -> list[str]:
-    """The input channels of a model, in order.
-
-    From (first found): ``override``; ``model.json``'s ``channels``; the run's
-    ``config.yaml`` (``data.channels``); the experiment named in
-    ``model.json`` (converted checkpoints).
-    """
+    """The input channels of a model, in order: ``override``, else the package's (see :func:`read_model_package`)."""
     if override:
         return list(override)
-    model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "model.json").read_text())
-    if meta.get("channels"):
-        return list(meta["channels"])
-    chans = (_run_config(model_dir).get("data") or {}).get("channels")
-    if chans:
-        return list(chans)
-    if meta.get("experiment"):
-        from fcn_jax.config import ConfigError, load_experiment
-
-        try:
-            return list(load_experiment(meta["experiment"]).data.channels)
-        except ConfigError as e:
-            raise ForecastError(f"{model_dir}: cannot read the channels of its experiment {meta['experiment']!r} "
-                                f"({e}); pass --channels") from e
-    raise ForecastError(f"{model_dir}: cannot tell the model's channels (no channels in model.json, no run "
+    pkg = read_model_package(model_dir)
+    if pkg.channels:
+        return list(pkg.channels)
+    raise ForecastError(f"{pkg.path}: cannot tell the model's channels (no channels in model.json, no run "
                         f"config.yaml, no experiment); pass --channels")
-
-
-def precip_eps(model_dir) -> float:
-    """``train.precip_eps`` of a precipitation model's run (default 1e-5, the original's)."""
-    return float((_run_config(Path(model_dir)).get("train") or {}).get("precip_eps", 1e-5))
-
-
-def _check_store_channels(ds, channels, store) -> list[int]:
-    names = [str(c) for c in ds["channel"].values]
-    missing = [c for c in channels if c not in names]
-    if missing:
-        raise ForecastError(f"{store}: channels {missing} of the model are not in the store; it has {names}")
-    return [names.index(c) for c in channels]
-
-
-def _check_grid(cfg, ds, what: str, model_dir) -> None:
-    shape = (ds.sizes["lat"], ds.sizes["lon"])
-    if tuple(shape) != tuple(cfg.img_size):
-        raise ForecastError(f"{what}: grid lat x lon = {shape} but the model {model_dir} was built for "
-                            f"img_size {tuple(cfg.img_size)}")
-
-
-def _store_time_index(ds, times, store) -> np.ndarray:
-    st = ds["time"].values.astype("datetime64[ns]")
-    pos = np.searchsorted(st, times)
-    bad = [str(np.datetime64(t, "s")) for t, p in zip(times, pos) if p >= st.size or st[p] != t]
-    if bad:
-        step = (st[1] - st[0]).astype("timedelta64[h]") if st.size > 1 else "?"
-        raise ForecastError(f"initial time(s) {bad[:5]} not in the store {store}: it has {st.size} times from "
-                            f"{np.datetime64(st[0], 's')} to {np.datetime64(st[-1], 's')} every {step}")
-    return pos
-
-
-def load_ic_file(path, channels, times_wanted=None, store_ds=None):
-    """ICs from a NetCDF/zarr file: ``(times [n], fields [n, lat, lon, channel] physical)``.
-
-    The file has a ``time`` dim and either one variable per channel
-    ``(time, lat, lon)`` or a store-like ``fields (time, channel, lat, lon)``.
-    Its grid must equal the store's (``store_ds``) when one is given.
-    """
-    import xarray as xr
-
-    p = Path(path)
-    if not p.exists():
-        raise ForecastError(f"--ic-file {path}: not found")
-    try:
-        ds = xr.open_zarr(p) if p.is_dir() else xr.open_dataset(p)
-    except Exception as e:
-        raise ForecastError(f"--ic-file {path}: cannot open ({type(e).__name__}: {e})") from e
-    for d in ("time", "lat", "lon"):
-        if d not in ds.dims:
-            raise ForecastError(f"--ic-file {path}: no '{d}' dimension (has {tuple(ds.dims)})")
-    if store_ds is not None:
-        for ax in ("lat", "lon"):
-            a, b = np.asarray(ds[ax].values, np.float64), np.asarray(store_ds[ax].values, np.float64)
-            if a.shape != b.shape or not np.allclose(a, b, atol=1e-4):
-                raise ForecastError(f"--ic-file {path}: its {ax} ({a.size} points, {a[0]:g}..{a[-1]:g}) differs "
-                                    f"from the store's ({b.size} points, {b[0]:g}..{b[-1]:g})")
-    if times_wanted is not None:
-        have = ds["time"].values.astype("datetime64[ns]")
-        bad = [str(t) for t in times_wanted if t not in set(have)]
-        if bad:
-            raise ForecastError(f"--ic-file {path}: initial time(s) {bad[:5]} not in the file (has {have.size} "
-                                f"times {have[0]} .. {have[-1]})")
-        ds = ds.sel(time=times_wanted)
-    if "fields" in ds and "channel" in ds["fields"].dims:
-        names = [str(c) for c in ds["channel"].values]
-        missing = [c for c in channels if c not in names]
-        if missing:
-            raise ForecastError(f"--ic-file {path}: channels {missing} missing; it has {names}")
-        x = ds["fields"].sel(channel=list(channels)).transpose("time", "lat", "lon", "channel").values
-    else:
-        missing = [c for c in channels if c not in ds.data_vars]
-        if missing:
-            raise ForecastError(f"--ic-file {path}: channels {missing} missing; it has {sorted(ds.data_vars)}")
-        x = np.stack([ds[c].transpose("time", "lat", "lon").values for c in channels], axis=-1)
-    return ds["time"].values.astype("datetime64[ns]"), np.asarray(x, np.float32)
 
 
 # --------------------------------------------------------------------------- #
@@ -233,29 +149,73 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int = 0,
+def _stats_note(pkg, store) -> str:
+    """Where the normalisation comes from; warns when a store's statistics differ from the model's."""
+    from fcn_jax.data.store import StoreInfo
+
+    if store is None:
+        return f"the model package {pkg.path}"
+    info = StoreInfo.read(store)
+    if not all(c in info.channels for c in pkg.channels):
+        return f"the model package {pkg.path}"
+    mean, std = info.stats(list(pkg.channels))
+    rel = float(np.max(np.abs(np.asarray(mean, np.float64) - pkg.mean) / pkg.std))
+    if rel > 1e-4:
+        print(f"note: normalising with the model's statistics (its training data); the store {store} has "
+              f"others (means differ by up to {rel:.3g} std)", file=sys.stderr)
+    return f"the model package {pkg.path}"
+
+
+def _open_ics(pkg, source, chans, *, regrid: bool, member, model_dir):
+    """The IC :class:`~fcn_jax.data.analysis.Analysis` fitted to the model grid (the package's, else img_size)."""
+    from fcn_jax.data.analysis import open_analysis
+
+    cfg = pkg.config
+    h, w = map(int, cfg.img_size)
+    what = f"the model {model_dir}"
+    if pkg.lat is not None and pkg.lon is not None:
+        return open_analysis(source, chans, lat=pkg.lat, lon=pkg.lon, regrid=regrid, member=member, model=what)
+    # a pre-package model knows only its img_size: the source grid, or its first h rows (721 -> 720)
+    an = open_analysis(source, chans, member=member, model=what)
+    if (an.lat.size, an.lon.size) == (h, w):
+        return an
+    if an.lat.size == h + 1 and an.lon.size == w:
+        return open_analysis(source, chans, lat=an.lat[:h], lon=an.lon, member=member, model=what)
+    raise ForecastError(f"{an.where}: grid lat x lon = {(an.lat.size, an.lon.size)} but the model {model_dir} was "
+                        f"built for img_size {(h, w)} (and its package records no grid to regrid to)")
+
+
+def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members: int = 0,
                  perturbation_std: float = 0.3, seed: int = 0, precip_dir=None, mesh_shape=None,
                  ic_file=None, batch_size: int | None = None, member_chunk: int | None = None,
-                 channels: Sequence[str] | None = None, precip_bound_std: float = 10.0,
-                 progress: bool = False) -> Path:
+                 channels: Sequence[str] | None = None, precip_bound_std: float = 10.0, regrid: bool = False,
+                 member: int | None = None, progress: bool = False) -> Path:
     """Run a forecast and write it to ``out`` (.nc / .zarr); see the module doc. Returns the path.
 
+    ``ic_file``: the analysis to start from -- any source
+    :func:`fcn_jax.data.analysis.open_analysis` reads (a path or a list of
+    paths); without it the ICs come from ``store``. Normalisation, grid, time
+    step and precipitation settings come from the model package; only a model
+    written before packages carried statistics falls back to ``store``'s (with
+    a warning). ``regrid``: interpolate an IC source on another grid
+    (bilinear). ``member``: the member of an ensemble IC source.
     ``init_times``: datetime64 array or a ``--init`` string. ``members`` 0 is
     deterministic. ``mesh_shape``: ``(data, channel, height, width)`` (-1
     allowed; default all devices on ``data``). ``batch_size``: ICs per
     deterministic chunk; ``member_chunk``: members per ensemble chunk (both
     rounded up to a multiple of the ``data`` axis; default 8).
     ``precip_bound_std``: the precipitation model's log-space output is
-    bounded at ``log1p(tp_max / eps)`` with ``tp_max = mean + K std`` of the
-    store's ``tp`` (K = this; 0 = unbounded): the inverse ``eps * expm1(y)`` is
-    exponential, and a few over-confident outputs would otherwise dominate an
-    RMSE in metres.
+    bounded at ``log1p(tp_max / eps)`` with ``tp_max = mean + K std`` of ``tp``
+    in its training data (K = this; 0 = unbounded; unbounded too when neither
+    the package nor a store knows ``tp``'s statistics, as in the original): the
+    inverse ``eps * expm1(y)`` is exponential, and a few over-confident outputs
+    would otherwise dominate an RMSE in metres.
     """
     from flax import nnx
     from jax.sharding import NamedSharding
 
     from fcn_jax import checkpoint as model_ckpt
-    from fcn_jax.data.store import open_store, store_stats
+    from fcn_jax.data.errors import DataError
     from fcn_jax.normalize import Normalizer
     from fcn_jax.parallel.axes import IMAGE_SPEC
     from fcn_jax.parallel.mesh import make_mesh
@@ -268,8 +228,11 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
         raise ForecastError(f"--members must be >= 0, got {members}")
     if perturbation_std < 0:
         raise ForecastError(f"--perturbation-std must be >= 0, got {perturbation_std}")
-    model_dir = resolve_model_dir(model_dir)
-    cfg = model_ckpt.read_model_config(model_dir)
+    if ic_file is None and store is None:
+        raise ForecastError("no initial conditions: give --ic-file SOURCE (an analysis: HDF5, netCDF, GRIB, zarr, "
+                            "a store) or --store STORE")
+    pkg = read_model_package(model_dir)
+    model_dir, cfg = pkg.path, pkg.config
     if cfg.kind != "backbone":
         raise ForecastError(f"{model_dir}: a {cfg.kind} model; MODEL_DIR must be a backbone (give a precipitation "
                             f"model with --precip)")
@@ -277,52 +240,65 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
     if len(chans) != cfg.in_channels or cfg.out_channels != cfg.in_channels:
         raise ForecastError(f"{model_dir}: the model maps {cfg.in_channels} -> {cfg.out_channels} channels but its "
                             f"channel list has {len(chans)}: {chans}")
-    ds = open_store(store)
-    _check_store_channels(ds, chans, store)
-    _check_grid(cfg, ds, f"store {store}", model_dir)
+    if pkg.has_stats and list(chans) == list(pkg.channels):
+        norm = pkg.normalizer()
+        stats_from = _stats_note(pkg, store)
+    elif store is not None:
+        from fcn_jax.data.store import store_stats
+
+        norm = Normalizer(*store_stats(store, chans))
+        stats_from = f"the store {store}"
+        print(f"warning: the model {model_dir} carries no normalisation statistics for {chans}; normalising "
+              f"with the store's ({store}). Forecasts are only right if these are the statistics it was trained "
+              f"with (give convert --stats / --store to package them)", file=sys.stderr)
+    else:
+        raise ForecastError(f"{model_dir}: the model carries no normalisation statistics; re-export it with "
+                            f"statistics (python -m fcn_jax.convert CKPT --stats DIR | --store STORE), or give "
+                            f"--store STORE to normalise with that store's")
+    source = ic_file if ic_file is not None else store
+    analysis = _open_ics(pkg, source, chans, regrid=regrid, member=member, model_dir=model_dir)
+    if (analysis.lat.size, analysis.lon.size) != tuple(cfg.img_size):
+        raise ForecastError(f"{analysis.where}: grid lat x lon = {(analysis.lat.size, analysis.lon.size)} but the "
+                            f"model {model_dir} was built for img_size {tuple(cfg.img_size)}")
     times = parse_init_times(init_times) if isinstance(init_times, str) else \
         np.asarray(init_times, "datetime64[ns]").reshape(-1)
-    if ic_file is None:
-        idx = _store_time_index(ds, times, store)
-        ics = None
-    else:
-        times, ics = load_ic_file(ic_file, chans, times, ds)
-    pcfg = None
+    idx = analysis.index(times, what=lambda t: "initial time")
+    pcfg = ppkg = None
     if precip_dir is not None:
-        precip_dir = resolve_model_dir(precip_dir)
-        pcfg = model_ckpt.read_model_config(precip_dir)
+        ppkg = read_model_package(precip_dir, "--precip")
+        precip_dir, pcfg = ppkg.path, ppkg.config
         if pcfg.kind != "precip" or pcfg.in_channels != cfg.out_channels:
             raise ForecastError(f"--precip {precip_dir}: a {pcfg.kind} model with {pcfg.in_channels} input "
                                 f"channels; need a precipitation model taking the backbone's {cfg.out_channels}")
-    norm = Normalizer(*store_stats(store, chans))
+        if ppkg.channels and ppkg.has_stats and list(ppkg.channels) != list(chans):
+            raise ForecastError(f"--precip {precip_dir}: takes channels {list(ppkg.channels)}, the backbone gives "
+                                f"{list(chans)}")
     mesh = make_mesh(tuple(mesh_shape) if mesh_shape else (-1, 1, 1, 1))
     n_data = int(mesh.shape["data"])
-    step_hours = float(ds.attrs.get("time_step_hours", 6.0))
-    lat, lon = ds["lat"].values, ds["lon"].values
-    has_tp = "tp" in [str(c) for c in ds["channel"].values]
+    step_hours = pkg.time_step_hours
+    if "time_step_hours" not in pkg.meta and analysis.store is not None:
+        from fcn_jax.data.store import StoreInfo
+
+        step_hours = StoreInfo.read(analysis.store).time_step_hours
+    lat, lon = analysis.lat, analysis.lon
     out_channels = chans + (["tp"] if pcfg is not None else [])
     model = model_ckpt.load_model(model_dir, mesh)
     pnet = model_ckpt.load_model(precip_dir, mesh) if pcfg is not None else None
-    eps = precip_eps(precip_dir) if pcfg is not None else None
-    y_max = None
-    if pcfg is not None and precip_bound_std > 0:
-        if not has_tp:
-            raise ForecastError(f"store {store}: no 'tp' channel to bound the precipitation model's output with; "
-                                f"pass precip_bound_std=0 (--precip-bound-std 0)")
-        tp_mean, tp_std = store_stats(store, ["tp"])
-        y_max = float(np.log1p((tp_mean[0] + precip_bound_std * tp_std[0]) / eps))
+    eps, y_max, bound_note = None, None, None
+    if pcfg is not None:
+        eps, y_max, bound_note = _precip_settings(ppkg, store, precip_bound_std)
+    tp_init = _tp_source(source, analysis, regrid, member) if pcfg is not None else None
     sharding = NamedSharding(mesh, IMAGE_SPEC)
 
     def read_ics(sel: np.ndarray) -> np.ndarray:  # [n, lat, lon, ch] physical
-        if ics is not None:
-            return ics[sel]
-        ci = [list(map(str, ds["channel"].values)).index(c) for c in chans]
-        x = ds["fields"].isel(time=idx[sel], channel=ci).transpose("time", "lat", "lon", "channel").values
-        return np.asarray(x, np.float32)
+        return analysis.read_index(idx[sel])
 
     def tp_at_init(sel: np.ndarray) -> np.ndarray:  # [n, lat, lon]
-        if ics is None and has_tp:
-            return np.asarray(ds["fields"].sel(channel="tp").isel(time=idx[sel]).values, np.float32)
+        if tp_init is not None:
+            try:
+                return tp_init.read(times[sel])[..., 0]
+            except DataError:  # the source has tp, but not at these times
+                pass
         return np.full((len(sel), len(lat), len(lon)), np.nan, np.float32)
 
     def with_precip(traj_n, sel, n_members=0):
@@ -334,7 +310,9 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
         tp[:, 0] = tp_at_init(sel)[:, None] if n_members else tp_at_init(sel)
         return np.concatenate([phys, tp[..., None]], axis=-1)
 
-    attrs = {"model": str(model_dir), "store": str(store), "precip_model": str(precip_dir) if pcfg else None,
+    attrs = {"model": str(model_dir), "ic_source": str(analysis.where), "store": str(store) if store else None,
+             "grid": analysis.grid_note, "normalization": stats_from,
+             "precip_model": str(precip_dir) if pcfg else None, "precip_eps": eps, "precip_bound": bound_note,
              "perturbation_std": perturbation_std if members else None, "seed": seed if members else None,
              "mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items()), "processes": jax.process_count(),
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
@@ -371,6 +349,44 @@ def run_forecast(model_dir, *, store, init_times, steps: int, out, members: int 
         print(f"wrote {out}: {kind}, {len(times)} ICs x {steps + 1} leads, {len(out_channels)} channels "
               f"({time.perf_counter() - t0:.1f} s)")
     return Path(out)
+
+
+def _precip_settings(ppkg, store, bound_std: float):
+    """``(eps, y_max, note)`` of a precipitation model: its package's eps and tp statistics, else a store's."""
+    info = ppkg.precip or {}
+    eps = float(info.get("eps", 1e-5))
+    if "eps" not in info:
+        from fcn_jax.checkpoint import _legacy_train_setting
+
+        eps = float(_legacy_train_setting(ppkg.path, "precip_eps", 1e-5))
+    if bound_std <= 0:
+        return eps, None, "unbounded (--precip-bound-std 0)"
+    if "tp_mean" in info and "tp_std" in info:
+        m, s, src = info["tp_mean"], info["tp_std"], f"the precipitation model's training data"
+    elif store is not None:
+        from fcn_jax.data.store import StoreInfo
+
+        st = StoreInfo.read(store)
+        if "tp" not in st.channels:
+            raise ForecastError(f"store {store}: no 'tp' channel to bound the precipitation model's output with; "
+                                f"pass precip_bound_std=0 (--precip-bound-std 0)")
+        m, s = (float(v[0]) for v in st.stats(["tp"]))
+        src = f"the store {store}"
+    else:
+        return eps, None, "unbounded (no tp statistics in the package; as the original)"
+    tp_max = m + bound_std * s
+    return eps, float(np.log1p(tp_max / eps)), f"tp <= {tp_max:.6g} m (mean + {bound_std:g} std of tp in {src})"
+
+
+def _tp_source(source, analysis, regrid, member):
+    """An analysis of ``tp`` on the same source and grid for lead 0, or None when the source has none."""
+    from fcn_jax.data.analysis import open_analysis
+    from fcn_jax.data.errors import DataError
+
+    try:
+        return open_analysis(source, ["tp"], lat=analysis.lat, lon=analysis.lon, regrid=regrid, member=member)
+    except (DataError, KeyError, ValueError):
+        return None
 
 
 def _precip(pnet, traj_n, eps: float, y_max, sharding) -> np.ndarray:
@@ -433,7 +449,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fcn_jax.forecast", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", help="exported model (model_best / model_final / converted) or its run dir")
-    ap.add_argument("--store", required=True, help="prepared store (ICs, statistics, grid), or 'world'")
+    ap.add_argument("--ic-file", nargs="+", default=None, metavar="SOURCE",
+                    help="the analysis to start from: original HDF5 year file(s), CDS netCDF, GRIB, WeatherBench 2 "
+                         "zarr (path or URL), a NetCDF/zarr in fcn_jax's layout, or a store; several files or a "
+                         "directory for variables split across files")
+    ap.add_argument("--store", default=None,
+                    help="prepared store (or 'world') giving the ICs when there is no --ic-file; also the "
+                         "statistics of a model written before packages carried them")
     ap.add_argument("--init", required=True, help="ISO times 'T1,T2' or a range 'START/END/STRIDE' (e.g. 72h)")
     ap.add_argument("--steps", type=int, required=True, help="model steps (lead = steps x 6 h)")
     ap.add_argument("--out", required=True, help="output .nc or .zarr")
@@ -446,7 +468,10 @@ def main(argv=None) -> int:
     ap.add_argument("--precip-bound-std", type=float, default=10.0,
                     help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")
     ap.add_argument("--mesh", type=parse_mesh_arg, default=None, help="D,C,H,W mesh (default: all devices on data)")
-    ap.add_argument("--ic-file", default=None, help="NetCDF/zarr with the ICs (time dim) instead of the store")
+    ap.add_argument("--regrid", action="store_true",
+                    help="interpolate an IC source on another grid to the model's (bilinear); default: only the "
+                         "model's grid or its first rows (721 -> 720) are accepted")
+    ap.add_argument("--member", type=int, default=None, help="the member to start from in an ensemble IC file")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -461,12 +486,19 @@ def main(argv=None) -> int:
     try:
         store = args.store
         if store == "world":
-            from fcn_jax.data.store import resolve_store
+            from fcn_jax.data.catalog import resolve_store
 
             store = resolve_store("world")
+        ic = args.ic_file
+        if ic is not None:
+            ic = ic[0] if len(ic) == 1 else ic
+            if ic == "world":
+                from fcn_jax.data.catalog import resolve_store
+
+                ic = str(resolve_store("world"))
         run_forecast(args.model_dir, store=store, init_times=args.init, steps=args.steps, out=args.out,
                      members=args.members, perturbation_std=args.perturbation_std, seed=args.seed,
-                     precip_dir=args.precip, mesh_shape=args.mesh, ic_file=args.ic_file,
+                     precip_dir=args.precip, mesh_shape=args.mesh, ic_file=ic, regrid=args.regrid, member=args.member,
                      batch_size=args.batch_size, member_chunk=args.member_chunk,
                      channels=args.channels.split(",") if args.channels else None,
                      precip_bound_std=args.precip_bound_std, progress=distributed.is_primary())

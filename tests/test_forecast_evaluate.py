@@ -62,9 +62,11 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model):
+def model_dir(tmp_path_factory, model, store):
+    """A model package: the store's statistics, grid and climatology, as training exports it."""
     path = tmp_path_factory.mktemp("m") / "model"
-    model_ckpt.save_model(path, model, extra={"channels": CHANNELS})
+    package, clim = model_ckpt.package_from_store(store[0], CHANNELS)
+    model_ckpt.save_model(path, model, package=package, climatology=clim)
     return str(path)
 
 
@@ -317,11 +319,12 @@ def test_forecast_from_a_converted_original_checkpoint(store, model, tmp_path, c
 
 
 @pytest.mark.parametrize("case,pattern", [
-    ("time", r"initial time\(s\) \['2002-01-01T00:00:00'\] not in the store"),
-    ("channels", r"channels \['q700'\] of the model are not in the store"),
+    ("time", r"initial time 2002-01-01T00:00:00 is not in store .*: it has 24 times 2001-01-01T00:00:00 \.\. "
+             r"2001-01-06T18:00:00 every 6 h"),
+    ("channels", r"channels \['q700'\] not in the store"),
     ("count", r"maps 3 -> 3 channels but its channel list has 2"),
     ("grid", r"grid lat x lon = \(16, 32\) but the model .* img_size \(8, 16\)"),
-    ("ic_grid", r"--ic-file .*: its lat \(8 points"),
+    ("ic_grid", r"ic\.nc: grid 8 x 16 \(lat .*\) does not fit the model .*'s grid 16 x 32 .*--regrid"),
 ])
 def test_forecast_bad_input_is_a_clear_error_and_leaves_nothing(case, pattern, store, model_dir, tmp_path, capsys):
     path, times = store

@@ -246,7 +246,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
         summary.update(final_step=int(step), last_saved=last_saved, best_step=meta.get("best_step"),
                        best_val_loss=meta.get("best_val_loss"))
         if step >= tcfg.steps or (max_steps is not None and step == end and not summary.get("preempted")):
-            _export_models(ckpts, state, graphdef, workdir, mcfg, primary)
+            _export_models(ckpts, state, graphdef, workdir, mcfg, primary, feed)
         ckpts.close()
         feed.close()
     return summary
@@ -329,10 +329,21 @@ def _frozen_backbone(cfg: ExperimentConfig, mesh):
     return backbone
 
 
-def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: Path, mcfg, primary: bool) -> None:
-    """Write model_final (current weights) and model_best (best validation step)."""
+def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: Path, mcfg, primary: bool,
+                   feed) -> None:
+    """Write model_final (current weights) and model_best (best validation step) as model packages.
+
+    Each carries the training store's statistics, grid and climatology
+    (:func:`fcn_jax.checkpoint.package_from_store`): a forecast needs no store.
+    """
+    cfg = feed.cfg
+    package, clim = model_ckpt.package_from_store(feed.store, cfg.data.channels, kind=mcfg.kind,
+                                                  precip_eps=cfg.train.precip_eps, experiment=cfg.name,
+                                                  info=feed.info)
+    package["provenance"]["run"] = str(Path(workdir).resolve())
     model = unstack_model(nnx.merge(graphdef, state.params))  # exported models hold per-block weights
-    model_ckpt.save_model(workdir / "model_final", model, overwrite=True, extra={"step": int(state.step)})
+    model_ckpt.save_model(workdir / "model_final", model, overwrite=True, extra={"step": int(state.step)},
+                          package=package, climatology=clim)
     best = ckpts.best_step()
     if best is not None and best != int(state.step):
         # only a step that verifies is exported; a damaged best is moved aside and the next best taken
@@ -341,7 +352,8 @@ def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: 
         if found and best != int(state.step):
             model = unstack_model(nnx.merge(graphdef, found[1].params))
     model_ckpt.save_model(workdir / "model_best", model, overwrite=True,
-                          extra={"step": int(best if best is not None else state.step)})
+                          extra={"step": int(best if best is not None else state.step)},
+                          package=package, climatology=clim)
 
 
 class _progress:
