@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -410,6 +411,33 @@ def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None =
 
 
 # ------------------------------------------------------------------ verify
+def describe_package(pkg: ModelPackage) -> str:
+    """A few lines saying what a model package carries."""
+    import numpy as np
+
+    cfg = pkg.config
+    lines = [f"{pkg.path}: {pkg.kind} model, {cfg.in_channels} -> {cfg.out_channels} channels, img_size "
+             f"{tuple(cfg.img_size)}, patch {tuple(cfg.patch_size)}, embed {cfg.embed_dim}, depth {cfg.depth}"]
+    lines.append(f"  channels      {', '.join(pkg.channels) or '(unknown)'}")
+    if pkg.has_stats:
+        lines.append("  normalisation " + ", ".join(f"{c} {m:.6g}+-{s:.4g}" for c, m, s in
+                                                  zip(pkg.channels, pkg.mean, pkg.std)))
+    else:
+        lines.append("  normalisation NONE (a pre-package model: forecasts need a store's statistics)")
+    if pkg.lat is not None:
+        lines.append(f"  grid          {pkg.lat.size} x {pkg.lon.size}: lat {pkg.lat[0]:g} .. {pkg.lat[-1]:g}, "
+                     f"lon {pkg.lon[0]:g} .. {pkg.lon[-1]:g}; time step {pkg.time_step_hours:g} h")
+    clim = pkg.meta.get("climatology")
+    lines.append(f"  climatology   {', '.join(clim['variables'])} ({clim.get('source', '')})" if clim else
+                 "  climatology   none")
+    if pkg.precip:
+        lines.append("  precipitation " + ", ".join(f"{k} {v:.6g}" for k, v in pkg.precip.items()))
+    for k, v in sorted(pkg.provenance.items()):
+        lines.append(f"  {k:<13} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    del np
+    return "\n".join(lines)
+
+
 def verify_path(path: str | Path) -> tuple[bool, list[str]]:
     """Verify a run directory (its checkpoint steps and exported models), a ``checkpoints/`` directory or a model.
 
@@ -486,7 +514,17 @@ def main(argv=None) -> int:
     v.add_argument("paths", nargs="+")
     s = sub.add_parser("seal", help="add integrity data to checkpoints written before fcn_jax had it (trusted only!)")
     s.add_argument("paths", nargs="+")
+    sh = sub.add_parser("show", help="what a model package carries (channels, statistics, grid, climatology, "
+                                     "provenance)")
+    sh.add_argument("path")
     args = ap.parse_args(argv)
+    if args.cmd == "show":
+        try:
+            print(describe_package(read_package(args.path)))
+        except (FileNotFoundError, integrity.IntegrityError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.cmd == "seal":
         for p in args.paths:
             done = seal_path(p)
@@ -502,8 +540,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
 
 

@@ -35,6 +35,17 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     assert summary["final_step"] == 8
     assert (pre / "config.yaml").is_file() and (pre / "model_best" / "model.json").is_file()
     assert load_experiment(pre / "config.yaml") == cfg  # the resolved config reloads as is
+    # the exported model is a package: the store's statistics, grid and climatology travel with it
+    from fcn_jax.checkpoint import read_package
+    from fcn_jax.data.store import StoreInfo
+
+    pkg, info = read_package(pre / "model_best"), StoreInfo.read(store)
+    assert pkg.channels == tuple(cfg.data.channels) and pkg.has_stats and pkg.has_climatology
+    np.testing.assert_array_equal(pkg.mean, info.mean[info.index_of(cfg.data.channels)])
+    np.testing.assert_array_equal(pkg.std, info.std[info.index_of(cfg.data.channels)])
+    np.testing.assert_array_equal(pkg.lat, info.lat)
+    np.testing.assert_array_equal(pkg.climatology()["time_mean"].values, info.time_mean(cfg.data.channels))
+    assert pkg.provenance["store"] == str(Path(store).resolve()) and pkg.provenance["experiment"] == cfg.name
     recs = [json.loads(l) for l in (pre / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r.get("kind") != "validation"]
     assert {"step", "loss", "lr", "samples_per_s"} <= set(train_recs[0])

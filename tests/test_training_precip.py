@@ -235,6 +235,9 @@ def test_precip_training_through_the_loop_and_the_cli(store, backbone, tmp_path)
     assert all(np.isfinite(v) for v in _losses(run).values())
     meta = json.loads((run / "model_best" / "model.json").read_text())
     assert meta["kind"] == "precip" and meta["model"]["out_channels"] == 1
+    # the package: the backbone's input statistics, eps and tp's statistics (the forecast's bound)
+    assert meta["out_channels"] == ["tp"] and meta["precip"]["eps"] == cfg.train.precip_eps
+    assert meta["precip"]["tp_std"] > 0 and len(meta["normalization"]["mean"]) == len(cfg.data.channels)
     val = [r for r in _records(run) if r.get("kind") == "validation"]
     assert [r["step"] for r in val] == [3, 6]
     assert list(val[0]["rmse"]) == ["tp"] and val[0]["lead_hours"] == [6]
