@@ -21,7 +21,7 @@ def _prepare(args: argparse.Namespace) -> None:
                   climatology=clim, clim_window_days=args.clim_window_days,
                   overwrite=args.overwrite, lat_chunks=args.lat_chunks, compression=args.compression,
                   progress=not args.quiet, hdf5_layout=layout, readers=args.readers,
-                  reader_processes=args.reader_processes, dry_run=args.dry_run,
+                  reader_processes=args.reader_processes, member=args.member, dry_run=args.dry_run,
                   log=lambda s: print(s, flush=True))
     if not args.dry_run:
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="prepare a training store from ERA5 sources",
-                       description="Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, or FourCastNet "
-                                   "HDF5 year files and write a zarr training store with fields[time, channel, "
-                                   "lat, lon], per-channel mean/std and climatologies. Prints a plan (sizes, "
+                       description="Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, FourCastNet "
+                                   "HDF5 year files or GRIB (ERA5, IFS open data, GFS; --member N picks one "
+                                   "member of an ensemble) and write a zarr training store with fields[time, "
+                                   "channel, lat, lon], per-channel mean/std and climatologies. Prints a plan (sizes, "
                                    "time) first and refuses when the disk is too small. Resumable: a run "
                                    "killed at any point continues from its last commit when started again "
                                    "with the same arguments. Sources may be fsspec URLs (gs://, s3://, "
@@ -70,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated channel names or a set name {sorted(CHANNEL_SETS)} (default fcn20)")
     p.add_argument("--years", default=None, help="years to keep, e.g. 1979-2015 or 2016,2017 (default all)")
     p.add_argument("--stats-years", default=None, help="years for statistics (default: all kept years)")
-    p.add_argument("--kind", default="auto", choices=["auto", "cds", "wb2", "hdf5"], help="source format")
+    p.add_argument("--kind", default="auto", choices=["auto", "cds", "wb2", "hdf5", "grib"],
+                   help="source format (auto: from the names; a file starting with GRIB is GRIB)")
+    p.add_argument("--member", type=int, default=None,
+                   help="ensemble member (dimension / GRIB key 'number') to read from ensemble sources; "
+                        "without it a source with several members is refused")
     p.add_argument("--drop-south-pole", action="store_true", help="drop the -90 row (721 -> 720 rows)")
     p.add_argument("--allow-gaps", action="store_true", help="accept gaps in the source time axis")
     p.add_argument("--climatology", default="auto",

@@ -197,7 +197,7 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
             clim_window_days: int = 61, overwrite: bool = False, lat_chunks: int = 1, compression: str = "lz4",
             progress: bool = True, hdf5_layout: Sequence[str | None] | None = None,
             clim_memory_bytes: int = 1 << 30, readers: int = 4, reader_processes: bool = False,
-            block_steps: int | None = None,
+            block_steps: int | None = None, member: int | None = None,
             dry_run: bool = False, report: dict | None = None,
             log: Callable[[str], None] | None = None) -> Path | PreparePlan:
     """Prepare a training store from source files (see the module docstring).
@@ -205,7 +205,7 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
     Args:
       sources: CDS netCDF files, WB2 zarr stores (paths or fsspec URLs such as
         ``gs://...``/``s3://...``/``memory://...``), FourCastNet HDF5 year
-        files (one format), or directories of them; or a
+        files, GRIB files (one format), or directories of them; or a
         :class:`~fcn_jax.data.readers.CanonicalSource`.
       out: the store path (``*.zarr``).
       channels: names or a set name, in the order wanted (default ``fcn20``;
@@ -229,6 +229,8 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
         (libhdf5 is serialised by a lock within a process). Not for an
         in-memory CanonicalSource (threads are used, with a message).
       block_steps: time steps per block (default: ~256 MB blocks, at most 64 steps).
+      member: the ensemble member (``number``) to read from ensemble sources
+        (default: refuse sources with more than one member).
       dry_run: print and return the :class:`~fcn_jax.data.plan.PreparePlan` only.
       report: filled with throughput numbers (bytes read, seconds, MB/s).
       log: where messages go (default: stderr when ``progress``, else nowhere).
@@ -255,8 +257,9 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
         chans = resolve_channels("fcn20" if channels is None else channels)
         recipe = _Recipe([str(p) for p in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
                          [c.name for c in chans], kind, allow_gaps, list(hdf5_layout) if hdf5_layout else None,
-                         years_l, drop_south_pole)
-        src = open_source(recipe.sources, chans, kind=kind, allow_gaps=allow_gaps, hdf5_layout=hdf5_layout)
+                         years_l, drop_south_pole, member)
+        src = open_source(recipe.sources, chans, kind=kind, allow_gaps=allow_gaps, hdf5_layout=hdf5_layout,
+                          member=member)
     n_lat_source = len(src.lat)
     src = select_years(src, years_l)
     kept_years = sorted(set(_years_of(src.times).tolist()))
@@ -292,6 +295,8 @@ def prepare(sources: Sequence[str] | str | CanonicalSource, out: str | os.PathLi
                 lat_chunks=lat_chunks, compression=compression, hdf5_layout=list(hdf5_layout or []),
                 clim_memory_bytes=clim_memory_bytes if mode == "doy-hour" else 0,
                 block_steps=block_steps, version=STORE_VERSION)
+    if member is not None:  # only when given: keys of runs without it stay as they were
+        args["member"] = int(member)
     key = hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:12]
     tmp = out.parent / f".{out.name}.partial-{key}"
     work = out.parent / f".{out.name}.work-{key}"
@@ -424,10 +429,11 @@ class _Recipe:
     hdf5_layout: list | None
     years: list | None
     drop_south_pole: bool
+    member: int | None = None
 
     def open(self) -> CanonicalSource:
         src = open_source(self.sources, self.channels, kind=self.kind, allow_gaps=self.allow_gaps,
-                          hdf5_layout=self.hdf5_layout)
+                          hdf5_layout=self.hdf5_layout, member=self.member)
         src = select_years(src, self.years)
         return src.drop_last_lat_row() if self.drop_south_pole else src
 

@@ -38,7 +38,7 @@ from fcn_jax.data.readers.pieces import collect_pieces
 from fcn_jax.data.readers.source import CanonicalSource, assemble
 
 
-def open_netcdf(path: str) -> xr.Dataset:
+def open_netcdf(path: str, *, member: int | None = None) -> xr.Dataset:
     """Open one netCDF file lazily (no dask, no caching), standardised.
 
     Raises:
@@ -53,13 +53,25 @@ def open_netcdf(path: str) -> xr.Dataset:
     except Exception as e:
         raise DataError(f"{path}: cannot open as netCDF ({type(e).__name__}: {e}); "
                         "expected a complete netCDF4/HDF5 file (truncated download?)") from e
-    return standardize(ds, path)
+    return standardize(ds, path, member=member)
 
 
-def open_cds(paths: Sequence[str], channels: Sequence[Channel], *, allow_gaps: bool = False) -> CanonicalSource:
-    """Open CDS netCDF files as one :class:`CanonicalSource` with ``channels``."""
-    datasets = [(str(p), open_netcdf(str(p))) for p in paths]
+def open_cds(paths: Sequence[str], channels: Sequence[Channel], *, allow_gaps: bool = False,
+             member: int | None = None) -> CanonicalSource:
+    """Open CDS netCDF files as one :class:`CanonicalSource` with ``channels``.
+
+    ``member`` picks one ensemble member (dimension ``number``) from ensemble files.
+    """
+    datasets = [(str(p), open_netcdf(str(p), member=member)) for p in paths]
     pieces = collect_pieces(datasets, channels, prefer="cds")
     pieces, note = to_six_hourly(pieces)  # hourly tp -> 6 h sums (no-op for 6-hourly sources)
     return assemble(channels, pieces, source_kind="cds-netcdf", files=[p for p, _ in datasets],
-                    allow_gaps=allow_gaps, extra_attrs={"time_trimmed": note} if note else None)
+                    allow_gaps=allow_gaps, extra_attrs=provenance_attrs(note, member))
+
+
+def provenance_attrs(note: str, member: int | None) -> dict | None:
+    """Provenance for the store: edges trimmed, ensemble member read."""
+    extra: dict = {"time_trimmed": note} if note else {}
+    if member is not None:
+        extra["ensemble_member"] = int(member)
+    return extra or None

@@ -20,13 +20,15 @@ LAT_NAMES = ("latitude", "lat")
 LON_NAMES = ("longitude", "lon")
 
 
-def standardize(ds: xr.Dataset, where: str) -> xr.Dataset:
+def standardize(ds: xr.Dataset, where: str, *, member: int | None = None) -> xr.Dataset:
     """Rename dimensions/coordinates to (time, level, lat, lon) and tidy extras.
 
     * ``valid_time``/``time`` -> ``time``; ``pressure_level``/``level`` -> ``level``;
       ``latitude``/``longitude`` -> ``lat``/``lon``.
-    * ``number`` (ensemble member): a length-1 dimension is dropped; more than
-      one member is an error (prepare one member at a time).
+    * ``number`` (ensemble member): without ``member``, a length-1 dimension is
+      dropped and more than one member is an error (prepare one member at a
+      time); ``member=N`` selects member N (an error naming the members present
+      when absent, or when the file has no ``number``).
     * ``expver`` as a *coordinate* (new CDS) is dropped; as a *dimension*
       (legacy files mixing ERA5 and ERA5T) it is kept and merged at read time,
       taking the first non-missing value.
@@ -45,13 +47,7 @@ def standardize(ds: xr.Dataset, where: str) -> xr.Dataset:
                 ds = ds.drop_vars(canon)
             rename[pick] = canon
     ds = ds.rename(rename)
-    if "number" in ds.dims:
-        if ds.sizes["number"] != 1:
-            raise DataError(
-                f"{where}: ensemble dimension 'number' has {ds.sizes['number']} members; "
-                "expected a single (deterministic) member"
-            )
-        ds = ds.isel(number=0)
+    ds = select_member(ds, where, member)
     keep_dims = {"time", "level", "lat", "lon", "expver"}
     drop = [c for c in ds.coords if c not in ds.dims or c not in keep_dims]
     drop = [c for c in drop if c not in ("time", "level", "lat", "lon")]
@@ -63,6 +59,32 @@ def standardize(ds: xr.Dataset, where: str) -> xr.Dataset:
     if "time" not in ds.dims:
         raise DataError(f"{where}: no time dimension; expected one of {TIME_NAMES} (dims: {dict(ds.sizes)})")
     return ds
+
+
+def select_member(ds: xr.Dataset, where: str, member: int | None) -> xr.Dataset:
+    """Drop the ensemble dimension ``number``, keeping ``member`` (see :func:`standardize`)."""
+    if member is None and "number" not in ds.dims:
+        return ds
+    numbers = np.atleast_1d(np.asarray(ds["number"].values)) if "number" in ds.variables else None
+    if "number" in ds.dims and numbers is None:
+        numbers = np.arange(ds.sizes["number"])
+    if member is None:
+        if "number" in ds.dims:
+            if ds.sizes["number"] != 1:
+                raise DataError(
+                    f"{where}: ensemble dimension 'number' has {ds.sizes['number']} members "
+                    f"{numbers.tolist()}; expected a single (deterministic) member: pick one with "
+                    "member=N (--member N)"
+                )
+            ds = ds.isel(number=0)
+        return ds
+    if numbers is None:
+        raise DataError(f"{where}: member {member} requested but the file has no ensemble dimension 'number'")
+    hit = np.nonzero(numbers == member)[0]
+    if hit.size == 0:
+        raise DataError(f"{where}: member {member} not found; ensemble dimension 'number' holds members "
+                        f"{numbers.tolist()}")
+    return ds.isel(number=int(hit[0])) if "number" in ds.dims else ds
 
 
 def orientation_indexers(lat: np.ndarray, lon: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

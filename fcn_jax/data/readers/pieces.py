@@ -9,6 +9,9 @@ HDF5 and netCDF-C are not thread-safe (spec/jax-notes.md §9): every read goes
 through :data:`HDF5_LOCK`, xarray's own process-wide lock. xarray's netCDF4
 backend takes it internally around opens and reads; our h5py reads take it
 explicitly, so both libraries' calls into libhdf5 are serialised together.
+ecCodes (GRIB) is not thread-safe either: its calls go through cfgrib's own
+lock (:func:`fcn_jax.data.readers.grib.grib_lock`), taken by cfgrib around
+reads and by the GRIB reader around its scan of a file.
 """
 
 from __future__ import annotations
@@ -100,8 +103,9 @@ def xarray_piece(ds: xr.Dataset, channel: Channel, variable: str, path: str,
 
     def read(a: int, b: int) -> np.ndarray:
         try:
-            # xarray's netCDF4 backend takes HDF5_LOCK itself around each read
-            # (taking it here too would deadlock: it is not re-entrant).
+            # xarray's netCDF4 backend takes HDF5_LOCK itself around each read, and
+            # cfgrib its ecCodes lock (taking either here too would deadlock: they
+            # are not re-entrant).
             x = np.asarray(da.isel(time=slice(a, b)).values)
         except DataError:
             raise
@@ -130,6 +134,9 @@ def _decode_times(values: np.ndarray, where: str) -> np.ndarray:
 # ------------------------------------------------------------ variable lookup
 #: Names a geopotential *height* variable goes by (converted x g on read).
 GEOPOTENTIAL_HEIGHT_NAMES = ("gh", "geopotential_height")
+#: Other names a single-level field goes by, tried last: GFS's pressure reduced
+#: to mean sea level and precipitable water (its total column water vapour).
+OTHER_NAMES: dict[str, tuple[str, ...]] = {"msl": ("prmsl",), "tcwv": ("pwat",)}
 
 
 def variable_candidates(channel: Channel, prefer: str) -> list[str]:
@@ -144,6 +151,8 @@ def variable_candidates(channel: Channel, prefer: str) -> list[str]:
         names = [channel.wb2_name, channel.cds_request, channel.cds_short]
     if channel.cds_short == "z":
         names += list(GEOPOTENTIAL_HEIGHT_NAMES)
+    if not channel.is_pressure_level:
+        names += list(OTHER_NAMES.get(channel.name, ()))
     out: list[str] = []
     for n in names:
         if n not in out:
@@ -175,7 +184,9 @@ def collect_pieces(datasets: Sequence[tuple[str, xr.Dataset]], channels: Sequenc
         if not found:
             lvl = f" at {ch.level} hPa" if ch.is_pressure_level else ""
             hint = f"; unsuitable candidates: {wrong_shape}" if wrong_shape else ""
-            present = {p: sorted(map(str, ds.data_vars)) for p, ds in datasets}
+            present: dict[str, list[str]] = {}
+            for p, ds in datasets:  # several datasets may share a path (GRIB hypercubes)
+                present[p] = sorted(set(present.get(p, [])) | set(map(str, ds.data_vars)))
             raise DataError(
                 f"channel {ch.name} ({ch.long_name}): variable {variable_candidates(ch, prefer)}{lvl} "
                 f"not found in any source file{hint}; variables present: {present}"
