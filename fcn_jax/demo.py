@@ -129,8 +129,8 @@ def _beats_persistence(scores, channels, leads_h) -> str:
     lines = []
     for h in leads_h:
         j = hours.index(float(h))
-        rm = scores["rmse"].sel({"method": "model"}).isel(lead_time=j)
-        rp = scores["rmse"].sel({"method": "persistence"}).isel(lead_time=j)
+        rm = scores["rmse"].sel(system="model").isel(lead_time=j)
+        rp = scores["rmse"].sel(system="persistence").isel(lead_time=j)
         wins = [c for c in channels if float(rm.sel(channel=c)) < float(rp.sel(channel=c))]
         lines.append(f"lead {h:3d} h: model RMSE below persistence on {len(wins)}/{len(channels)} main channels"
                      + ("" if len(wins) == len(channels) else f" (not: {sorted(set(channels) - set(wins))})"))

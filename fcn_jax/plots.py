@@ -3,7 +3,7 @@
 Every function draws on a ``matplotlib.figure.Figure`` with an Agg canvas (no
 pyplot global state: safe headless and in threads) and writes the PNG
 atomically (temporary name, then rename). Scores come as the Dataset of
-:func:`fcn_jax.evaluate.evaluate_forecast` (dims ``method, channel,
+:func:`fcn_jax.evaluate.evaluate_forecast` (dims ``system, channel,
 lead_time``).
 """
 
@@ -46,14 +46,14 @@ def _units(scores, c) -> str:
 
 
 def plot_scores(scores, path: str | os.PathLike, channels: Sequence[str]) -> Path:
-    """RMSE, ACC (and CRPS for ensembles) against lead time, one column per channel, one line per method."""
+    """RMSE, ACC (and CRPS for ensembles) against lead time, one column per channel, one line per system."""
     rows = ["rmse", "acc"] + (["crps"] if "crps" in scores else [])
     fig, axes = _figure(len(rows), len(channels), (3.6 * len(channels), 2.9 * len(rows)))
     days = _days(scores)
     for j, c in enumerate(channels):
         for i, v in enumerate(rows):
-            for m in map(str, scores.method.values):
-                axes[i, j].plot(days, scores[v].sel({"channel": c, "method": m}).values, label=m,
+            for m in map(str, scores.system.values):
+                axes[i, j].plot(days, scores[v].sel(channel=c, system=m).values, label=m,
                                 **_STYLES.get(m, {}))
             axes[i, j].set_ylabel(v.upper() + ("" if v == "acc" else f" [{_units(scores, c)}]"))
             axes[i, j].grid(alpha=0.3)
@@ -68,7 +68,7 @@ def plot_spread_skill(scores, path: str | os.PathLike, channels: Sequence[str]) 
     fig, axes = _figure(2, len(channels), (3.6 * len(channels), 5.6))
     days = _days(scores)
     for j, c in enumerate(channels):
-        sel = {"channel": c, "method": "model"}
+        sel = {"channel": c, "system": "model"}
         axes[0, j].plot(days, scores["ensemble_mean_rmse"].sel(sel).values, label="ensemble-mean RMSE")
         axes[0, j].plot(days, scores["spread"].sel(sel).values, ls="--", label="spread")
         axes[0, j].set_title(c)

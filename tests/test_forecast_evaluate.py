@@ -377,13 +377,13 @@ def test_evaluate_known_answers(store, tmp_path):
     det = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0] + c, tmp_path / "off.nc",
                      init_idx, n_lead)
     s = evaluate.evaluate_forecast(det, path, tmp_path / "det", plots=False)
-    assert s.rmse.dims == ("method", "channel", "lead_time")
-    assert list(s.method.values) == ["model", "persistence", "climatology"]
-    m = s.sel({"method": "model"})
+    assert s.rmse.dims == ("system", "channel", "lead_time")
+    assert list(s.system.values) == ["model", "persistence", "climatology"]
+    m = s.sel({"system": "model"})
     np.testing.assert_allclose(m.rmse.values, np.abs(c)[:, None] * np.ones(n_lead), rtol=1e-4)
     np.testing.assert_allclose(m.bias.values, c[:, None] * np.ones(n_lead), rtol=1e-4)
     np.testing.assert_allclose(m.mae.values, np.abs(c)[:, None] * np.ones(n_lead), rtol=1e-4)
-    pers = s.sel({"method": "persistence"})
+    pers = s.sel({"system": "persistence"})
     np.testing.assert_allclose(pers.rmse.isel(lead_time=0), 0.0, atol=1e-6)
     np.testing.assert_allclose(pers.acc.isel(lead_time=0), 1.0, atol=1e-6)
     assert "crps" not in s
@@ -394,12 +394,12 @@ def test_evaluate_known_answers(store, tmp_path):
     ens = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0][None] + c
                      + np.stack([d, -d])[:, None, None, :], tmp_path / "ens.nc", init_idx, n_lead)
     s = evaluate.evaluate_forecast(ens, path, tmp_path / "ens", plots=False)
-    m = s.sel({"method": "model"})
+    m = s.sel({"system": "model"})
     np.testing.assert_allclose(m.rmse.values, np.abs(c)[:, None] * np.ones(n_lead), rtol=1e-4)
     np.testing.assert_allclose(m.crps.values, (np.abs(c) - d)[:, None] * np.ones(n_lead), rtol=1e-4)
     np.testing.assert_allclose(m.spread.values, np.sqrt(2) * d[:, None] * np.ones(n_lead), rtol=1e-4)
     np.testing.assert_allclose(m.spread_skill.values, np.sqrt(2) / 3, rtol=1e-4)
-    np.testing.assert_allclose(s.crps.sel({"method": "persistence"}), s.mae.sel({"method": "persistence"}))
+    np.testing.assert_allclose(s.crps.sel({"system": "persistence"}), s.mae.sel({"system": "persistence"}))
 
 
 @pytest.mark.parametrize("convention", ["fcn", "wb2"])
@@ -427,22 +427,22 @@ def test_evaluate_matches_xarray_and_scoringrules(store, tmp_path, convention):
         truth = truth.assign_coords(lat=fc.lat.values, lon=fc.lon.values).astype("float64")
         mse = ((f.mean("member") - truth) ** 2).weighted(wx).mean(("lat", "lon"))
         rmse = np.sqrt(mse).mean("init_time") if convention == "fcn" else np.sqrt(mse.mean("init_time"))
-        np.testing.assert_allclose(s.rmse.sel({"method": "model", "channel": ch}), rmse, rtol=2e-4)
+        np.testing.assert_allclose(s.rmse.sel({"system": "model", "channel": ch}), rmse, rtol=2e-4)
         crps = sr.crps_ensemble(truth.values, f.transpose("init_time", "lead_time", "lat", "lon", "member").values,
                                 estimator="fair", backend="numpy")
         crps = xr.DataArray(crps, dims=truth.dims, coords=truth.coords).weighted(wx).mean(("lat", "lon"))
-        np.testing.assert_allclose(s.crps.sel({"method": "model", "channel": ch}), crps.mean("init_time"), rtol=2e-4)
+        np.testing.assert_allclose(s.crps.sel({"system": "model", "channel": ch}), crps.mean("init_time"), rtol=2e-4)
         var = f.var("member", ddof=1).weighted(wx).mean(("lat", "lon")).mean("init_time")
-        np.testing.assert_allclose(s.spread.sel({"method": "model", "channel": ch}), np.sqrt(var), rtol=2e-4)
+        np.testing.assert_allclose(s.spread.sel({"system": "model", "channel": ch}), np.sqrt(var), rtol=2e-4)
         bias = (f.mean("member") - truth).weighted(wx).mean(("lat", "lon")).mean("init_time")
-        np.testing.assert_allclose(s.bias.sel({"method": "model", "channel": ch}), bias, rtol=2e-3,
+        np.testing.assert_allclose(s.bias.sel({"system": "model", "channel": ch}), bias, rtol=2e-3,
                                    atol=1e-4 * float(np.abs(noise[..., k]).mean()))
 
 
 @pytest.mark.parametrize("case,pattern", [
     ("lead", r"valid time of lead 18 h from init 2001-01-06T06:00:00 \(past the end of the data\?\): 2001-01-07T00:00:00 is not in"),
-    ("grid", r"its lat grid \(8 points"),
-    ("channel", r"channel\(s\) \['q700'\] of the forecast are not in the truth store"),
+    ("grid", r"store .*s\.zarr: grid 16 x 32 .* does not fit the forecast .*f\.nc's grid 8 x 16"),
+    ("channel", r"s\.zarr: channels \['q700'\] are not in the store"),
 ])
 def test_evaluate_bad_input(case, pattern, store, tmp_path):
     path, times = store
@@ -475,7 +475,7 @@ def test_evaluate_cli_table_plots(store, tmp_path, capsys):
     assert files == ["map_z500.png", "rank_histogram.nc", "rank_histogram.png", "scores.csv", "scores.nc",
                      "scores_vs_lead.png", "spread_skill.png"]
     head = (tmp_path / "o" / "scores.csv").read_text().splitlines()[0]
-    assert head.startswith("method,channel,lead_time_hours") and "crps" in head and "spread_skill" in head
+    assert head.startswith("system,channel,lead_time_hours") and "crps" in head and "spread_skill" in head
     rh = xr.open_dataset(tmp_path / "o" / "rank_histogram.nc")
     assert int(rh.rank_histogram.isel(lead_time=1, channel=0).sum()) == 2 * 16 * 32
 

@@ -233,3 +233,90 @@ def test_analysis_fits_721_rows_to_720_and_reports_missing_times(release):
     with pytest.raises(DataError, match=r"time 2019-01-01T00:00:00 is not in .*12 times"):
         an.read(np.array(["2019-01-01T00"], "datetime64[ns]"))
     assert json.dumps(an.grid_note)
+
+
+# --------------------------------------------------------------------------- #
+# The README walkthrough "Forecasting with the published FourCastNet", at a reduced size
+# --------------------------------------------------------------------------- #
+
+_GRIB_SFC = {"u10": "10u", "v10": "10v", "t2m": "2t", "sp": "sp", "msl": "msl", "tcwv": "tcwv"}
+
+
+def _write_era5_grib(d, fields_t, t):
+    """An ERA5-like analysis as the CDS delivers it: a pressure-level and a single-level GRIB file (16-bit)."""
+    eccodes = pytest.importorskip("eccodes")
+    t = np.datetime64(t, "h")
+    date, hour = int(str(t.astype("datetime64[D]")).replace("-", "")), int(str(t)[-2:])
+    step = 180.0 / H
+    grid = dict(gridType="regular_ll", Ni=W, Nj=H + 1, latitudeOfFirstGridPointInDegrees=90.0,
+                latitudeOfLastGridPointInDegrees=-90.0, longitudeOfFirstGridPointInDegrees=0.0,
+                longitudeOfLastGridPointInDegrees=360.0 - step, iDirectionIncrementInDegrees=step,
+                jDirectionIncrementInDegrees=step, dataDate=date, dataTime=hour * 100)
+
+    def write(path, msgs):
+        with open(path, "wb") as f:
+            for sample, keys, values in msgs:
+                h = eccodes.codes_grib_new_from_samples(sample)
+                try:
+                    for k, v in {**grid, **keys}.items():
+                        eccodes.codes_set(h, k, v)
+                    eccodes.codes_set(h, "bitsPerValue", 16)
+                    eccodes.codes_set_values(h, np.asarray(values, np.float64).ravel())
+                    eccodes.codes_write(h, f)
+                finally:
+                    eccodes.codes_release(h)
+        return str(path)
+
+    pl, sfc = [], []
+    for i, c in enumerate(FCN_HDF5_LAYOUT):
+        if c is None:
+            continue
+        if c in _GRIB_SFC:
+            sfc.append(("regular_ll_sfc_grib1", {"shortName": _GRIB_SFC[c]}, fields_t[i]))
+        else:
+            pl.append(("regular_ll_pl_grib1", {"shortName": c[0], "typeOfLevel": "isobaricInhPa",
+                                               "level": int(c[1:])}, fields_t[i]))
+    return write(d / "era5_pl.grib", pl), write(d / "era5_sfc.grib", sfc)
+
+
+def test_walkthrough_published_weights_from_a_grib_analysis(release, converted, tmp_path):
+    """convert --stats (backbone, precip) -> forecast from GRIB (no store) -> ensemble -> precip -> evaluate."""
+    from fcn_jax import evaluate
+
+    pl, sfc = _write_era5_grib(tmp_path, release["fields"][1], "2018-01-01T06")
+    det = tmp_path / "det.nc"
+    assert forecast.main([str(converted), "--ic-file", pl, sfc, "--init", "2018-01-01T06", "--steps", "3",
+                          "--out", str(det)]) == 0
+    fc = read_forecast(det)
+    got = np.stack([fc[c].values for c in FCN_20], -1)
+    ref = _reference(release, [1], 3)
+    # the GRIB's 16-bit packing is the only difference from the year file's IC
+    idx = [FCN_HDF5_LAYOUT.index(c) for c in FCN_20]
+    std = STDS[idx]
+    assert np.max(np.abs(got[:, 0] - ref[:, 0]) / std) < 2e-4
+    assert np.max(np.abs(got - ref) / std) < 5e-3
+
+    ens = tmp_path / "ens.nc"
+    assert forecast.main([str(converted), "--ic-file", pl, sfc, "--init", "2018-01-01T06", "--steps", "2",
+                          "--members", "4", "--member-chunk", "2", "--out", str(ens)]) == 0
+    assert read_forecast(ens).sizes["member"] == 4
+
+    pcfg = ModelConfig(img_size=(H, W), patch_size=(4, 4), in_channels=20, out_channels=1, embed_dim=16, depth=1,
+                       num_blocks=2, kind="precip")
+    convert.save_torch_checkpoint(_tiny_model(pcfg), tmp_path / "precip.ckpt")
+    pdir = tmp_path / "precip"
+    assert convert.main([str(tmp_path / "precip.ckpt"), "--experiment", str(release["exp"]), "--kind", "precip",
+                         "--stats", str(release["stats"]), "--out", str(pdir)]) == 0
+    pfc = tmp_path / "tp.nc"
+    assert forecast.main([str(converted), "--precip", str(pdir), "--ic-file", pl, sfc, "--init", "2018-01-01T06",
+                          "--steps", "2", "--out", str(pfc)]) == 0
+    tp = read_forecast(pfc)
+    assert tp["tp"].attrs["units"] == "m" and np.all(tp["tp"].values[:, 1:] >= 0)
+    assert np.isnan(tp["tp"].values[:, 0]).all()  # the analysis has no tp
+    assert tp.attrs["precip_bound"].startswith("unbounded") and tp.attrs["precip_eps"] == 1e-5
+
+    scores = evaluate.evaluate_forecast(det, str(release["dir"] / "data" / "2018.h5"), tmp_path / "scores",
+                                        climatology=[str(converted)], convention="fcn", plots=False)
+    z = scores["rmse"].sel(system="model", channel="z500").values
+    assert z[0] < 2e-4 * STDS[14] and np.all(np.isfinite(z))
+    assert float(scores["acc"].sel(system="model", channel="z500").isel(lead_time=0)) > 0.999

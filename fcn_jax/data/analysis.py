@@ -86,7 +86,7 @@ def fit_grid(src_lat, src_lon, lat=None, lon=None, *, regrid: bool = False, wher
     if not regrid:
         raise DataError(f"{where}: grid {_grid_text(src_lat, src_lon)} does not fit {model}'s grid "
                         f"{_grid_text(lat, lon)}; give --regrid to interpolate it (bilinear), or a source "
-                        f"on the model's grid")
+                        f"on that grid")
     return GridFit("bilinear", lat, lon, _bilinear(src_lat, src_lon, lat, lon),
                    f"bilinear interpolation from {_grid_text(src_lat, src_lon)} (xarray.interp, periodic in "
                    f"longitude; latitudes beyond the source's outermost rows take those rows)")
