@@ -362,7 +362,7 @@ def _precip_settings(ppkg, store, bound_std: float):
     if bound_std <= 0:
         return eps, None, "unbounded (--precip-bound-std 0)"
     if "tp_mean" in info and "tp_std" in info:
-        m, s, src = info["tp_mean"], info["tp_std"], f"the precipitation model's training data"
+        m, s, src = info["tp_mean"], info["tp_std"], "the precipitation model's training data"
     elif store is not None:
         from fcn_jax.data.store import StoreInfo
 

@@ -27,6 +27,39 @@ def toy_loss_fn(graphdef):
     return loss
 
 
+def random_model(cfg, scale: float = 0.1, seed: int = 0):
+    """An NNX model of ``cfg`` (AFNONet / PrecipNet) with N(0, scale^2) parameters.
+
+    Abstract build + NumPy-filled parameters: 0.3 s instead of eager init's 6-10 s of compiles.
+    """
+    import jax
+
+    from fcn_jax.model.afnonet import build_model
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda a: jnp.asarray(scale * rng.standard_normal(a.shape), jnp.float32), state)
+    return nnx.merge(graphdef, state)
+
+
+def write_grib(path, messages) -> str:
+    """Write GRIB messages with ecCodes: ``messages`` are (sample name, keys, values [nj, ni] or flat), 16-bit packing."""
+    import eccodes
+
+    with open(path, "wb") as f:
+        for sample, keys, values in messages:
+            h = eccodes.codes_grib_new_from_samples(sample)
+            try:
+                for k, v in keys.items():
+                    eccodes.codes_set(h, k, v)
+                eccodes.codes_set(h, "bitsPerValue", 16)
+                eccodes.codes_set_values(h, np.asarray(values, np.float64).ravel())
+                eccodes.codes_write(h, f)
+            finally:
+                eccodes.codes_release(h)
+    return str(path)
+
+
 def world_overrides(store, validate_every: int = 4, **train) -> list[str]:
     """``--set`` overrides for an 8-step training run of a tiny model on a test world store."""
     base = {

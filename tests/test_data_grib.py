@@ -30,6 +30,7 @@ from fcn_jax.data.channels import STANDARD_GRAVITY, resolve_channels  # noqa: E4
 from fcn_jax.data.errors import DataError  # noqa: E402
 from fcn_jax.data.readers import detect_kind, open_source  # noqa: E402
 from fcn_jax.data.store import open_store, prepare  # noqa: E402
+from helpers import write_grib  # noqa: E402
 
 # cfgrib.open_datasets (the netCDF conversion below) merges with xarray's old default
 pytestmark = pytest.mark.filterwarnings("ignore:In a future version of xarray the default value for compat")
@@ -61,22 +62,6 @@ def _date_keys(t) -> dict:
     day = t.astype("datetime64[D]")
     minutes = int((t - day).astype(int))
     return dict(dataDate=int(str(day).replace("-", "")), dataTime=(minutes // 60) * 100 + minutes % 60)
-
-
-def _write(path, messages) -> str:
-    """messages: (sample, keys, values [nj, ni] north->south or flat); 16-bit simple packing."""
-    with open(path, "wb") as f:
-        for sample, keys, values in messages:
-            h = eccodes.codes_grib_new_from_samples(sample)
-            try:
-                for k, v in keys.items():
-                    eccodes.codes_set(h, k, v)
-                eccodes.codes_set(h, "bitsPerValue", 16)
-                eccodes.codes_set_values(h, np.asarray(values, np.float64).ravel())
-                eccodes.codes_write(h, f)
-            finally:
-                eccodes.codes_release(h)
-    return str(path)
 
 
 def _decoded(path, *keys: str) -> dict:
@@ -123,12 +108,12 @@ def _era5_files(d) -> tuple[list[str], np.ndarray]:
                 for lev in LEVELS:
                     keys = dict(_grid_keys(), **_date_keys(t), shortName=v, typeOfLevel="isobaricInhPa", level=lev)
                     msgs.append(("regular_ll_pl_grib1", keys, truth[ti, col[f"{v}{lev}"]]))
-        pl.append(_write(d / f"era5_pl_{len(pl)}.grib", msgs))
+        pl.append(write_grib(d / f"era5_pl_{len(pl)}.grib", msgs))
     msgs = []
     for ti, t in enumerate(TIMES):
         for ch, sn in SFC.items():
             msgs.append(("regular_ll_sfc_grib1", dict(_grid_keys(), **_date_keys(t), shortName=sn), truth[ti, col[ch]]))
-    sfc = _write(d / "era5_sfc.grib", msgs)
+    sfc = write_grib(d / "era5_sfc.grib", msgs)
     return pl + [sfc], truth[:, [col[c] for c in ERA5_CHANNELS]]
 
 
@@ -238,7 +223,7 @@ def _gh_file(path, kind: str) -> tuple[str, dict]:
         msgs.append(("reduced_gg_pl_32_grib2", dict(_date_keys(t), centre=centre, shortName="w",
                                                     typeOfLevel="isobaricInhPa", level=500),
                      rng.normal(0.0, 0.1, n)))  # a reduced Gaussian grid
-    return _write(path, msgs), names
+    return write_grib(path, msgs), names
 
 
 @pytest.mark.parametrize("kind", ["ifs", "gfs"])
@@ -284,7 +269,7 @@ def _ensemble_file(path, members, control: bool = False) -> str:
                         numberOfForecastsInEnsemble=len(members), typeOfEnsembleForecast=1 if is_cf else 3,
                         typeOfProcessedData=3 if is_cf else 4)
             msgs.append(("regular_ll_pl_grib2", keys, 5500.0 + 100.0 * n + rng.normal(0.0, 30.0, (NJ, NI))))
-    return _write(path, msgs)
+    return write_grib(path, msgs)
 
 
 def test_ensemble_member(tmp_path):
@@ -309,7 +294,7 @@ def test_ensemble_member(tmp_path):
         x = open_source([both], ["z500"], member=m).read(0, 1)[0, 0]
         assert np.array_equal(x, (dec[(m, 0)].astype(np.float64) * STANDARD_GRAVITY).astype(np.float32))
     # a deterministic file asked for a member
-    files = _write(tmp_path / "det.grib2", [("regular_ll_pl_grib2", dict(_grid_keys(), **_date_keys(TIMES[0]),
+    files = write_grib(tmp_path / "det.grib2", [("regular_ll_pl_grib2", dict(_grid_keys(), **_date_keys(TIMES[0]),
                    shortName="z", typeOfLevel="isobaricInhPa", level=500), np.zeros((NJ, NI)))])
     with pytest.raises(DataError, match=r"det.grib2: member 1 requested but the file has no ensemble dimension"):
         open_source([files], ["z500"], member=1)
@@ -342,8 +327,8 @@ def test_hourly_tp_summed_into_six_hour_accumulations(tmp_path):
         t = start + h * HOUR
         t2m.append(("regular_ll_sfc_grib1", dict(_grid_keys(), **_date_keys(t), shortName="2t"),
                     rng.normal(280.0, 5.0, (NJ, NI))))
-    f_tp = _write(tmp_path / "tp.grib", tp)
-    f_t2m = _write(tmp_path / "t2m.grib", t2m)
+    f_tp = write_grib(tmp_path / "tp.grib", tp)
+    f_t2m = write_grib(tmp_path / "t2m.grib", t2m)
     src = open_source([f_t2m, f_tp], ["t2m", "tp"])
     # 6 h windows complete from 19 UTC: stamps 00 UTC 2 March ... 06 UTC 3 March
     stamps = np.datetime64("2021-03-02T00:00") + np.arange(6) * 6 * HOUR
@@ -358,7 +343,7 @@ def test_hourly_tp_summed_into_six_hour_accumulations(tmp_path):
 
 
 def test_single_time_file_has_a_time_axis(tmp_path):
-    path = _write(tmp_path / "one.grb2", [("regular_ll_sfc_grib2", dict(_grid_keys(), **_date_keys(TIMES[0]),
+    path = write_grib(tmp_path / "one.grb2", [("regular_ll_sfc_grib2", dict(_grid_keys(), **_date_keys(TIMES[0]),
                   shortName="msl", typeOfLevel="meanSea"), np.full((NJ, NI), 101325.0))])
     src = open_source([path], ["msl"])
     assert src.shape == (1, 1, NJ, NI) and src.times[0] == TIMES[0]

@@ -12,6 +12,7 @@ from fcn_jax.data.channels import FCN_HDF5_LAYOUT
 from fcn_jax.data.readers import open_source
 from fcn_jax.data.store import prepare
 from fcn_jax.forecast_io import ForecastError, write_forecast
+from helpers import random_model
 
 CHANNELS = ["z500", "t850", "t2m"]
 # the original's grid in miniature: 17 rows 90 .. -90 with both poles (ERA5's 721); the model sees the first 16
@@ -130,18 +131,11 @@ def test_release_time_means_equal_a_store_time_mean(src, tmp_path):
 
 
 def _tiny_model():
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     from fcn_jax.config import ModelConfig
-    from fcn_jax.model.afnonet import build_model
 
     cfg = ModelConfig(img_size=(16, 32), patch_size=(4, 4), in_channels=3, out_channels=3, embed_dim=8, depth=1,
                       num_blocks=2)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
-    state = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), state)
-    return nnx.merge(graphdef, state)
+    return random_model(cfg, scale=0.0)  # the weights do not matter here: only the package is scored
 
 
 def test_model_package_as_climatology_and_default(src, tmp_path):

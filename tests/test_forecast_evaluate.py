@@ -22,6 +22,7 @@ from fcn_jax.normalize import Normalizer
 from fcn_jax.parallel.mesh import make_mesh
 from fcn_jax.rollout import ensemble_chunk, ensemble_rollout, perturb, rollout
 from fcn_jax.training.losses import rollout as train_rollout
+from helpers import random_model
 
 CFG = ModelConfig(img_size=(16, 32), patch_size=(4, 4), in_channels=3, out_channels=3, embed_dim=16, depth=1,
                   num_blocks=2)
@@ -32,13 +33,7 @@ LAT, LON = S.grid(16, 32, poles=False)
 
 
 def _tiny_model(cfg=CFG):
-    """Abstract build + NumPy-filled parameters: 0.3 s instead of eager init's 6-10 s of compiles."""
-    from fcn_jax.model.afnonet import build_model
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), jnp.float32), state)
-    return nnx.merge(graphdef, state)
+    return random_model(cfg, scale=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ import json
 import textwrap
 
 import h5py
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
-from flax import nnx
 
 from fcn_jax import checkpoint, convert, forecast
 from fcn_jax.config import ModelConfig
@@ -17,6 +15,7 @@ from fcn_jax.data.channels import FCN_20, FCN_HDF5_LAYOUT
 from fcn_jax.data.errors import DataError
 from fcn_jax.forecast_io import read_forecast
 from fcn_jax.rollout import rollout
+from helpers import random_model, write_grib
 
 H, W = 16, 32  # the model grid: the first 16 rows of a 17-row pole-to-pole grid (as 720 of 721)
 CFG = ModelConfig(img_size=(H, W), patch_size=(4, 4), in_channels=20, out_channels=20, embed_dim=16, depth=1,
@@ -31,12 +30,7 @@ STDS = np.array([5.5, 4.7, 21, 9500, 1100, 15, 6.0, 5.1, 1000, 8.0, 6.3, 1300, 1
 
 
 def _tiny_model(cfg=CFG):
-    from fcn_jax.model.afnonet import build_model
-
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=0)))
-    r = np.random.default_rng(1)
-    state = jax.tree.map(lambda a: jnp.asarray(0.05 * r.standard_normal(a.shape), jnp.float32), state)
-    return nnx.merge(graphdef, state)
+    return random_model(cfg, scale=0.05, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +238,7 @@ _GRIB_SFC = {"u10": "10u", "v10": "10v", "t2m": "2t", "sp": "sp", "msl": "msl", 
 
 def _write_era5_grib(d, fields_t, t):
     """An ERA5-like analysis as the CDS delivers it: a pressure-level and a single-level GRIB file (16-bit)."""
-    eccodes = pytest.importorskip("eccodes")
+    pytest.importorskip("eccodes")
     t = np.datetime64(t, "h")
     date, hour = int(str(t.astype("datetime64[D]")).replace("-", "")), int(str(t)[-2:])
     step = 180.0 / H
@@ -254,18 +248,7 @@ def _write_era5_grib(d, fields_t, t):
                 jDirectionIncrementInDegrees=step, dataDate=date, dataTime=hour * 100)
 
     def write(path, msgs):
-        with open(path, "wb") as f:
-            for sample, keys, values in msgs:
-                h = eccodes.codes_grib_new_from_samples(sample)
-                try:
-                    for k, v in {**grid, **keys}.items():
-                        eccodes.codes_set(h, k, v)
-                    eccodes.codes_set(h, "bitsPerValue", 16)
-                    eccodes.codes_set_values(h, np.asarray(values, np.float64).ravel())
-                    eccodes.codes_write(h, f)
-                finally:
-                    eccodes.codes_release(h)
-        return str(path)
+        return write_grib(path, [(sample, {**grid, **keys}, values) for sample, keys, values in msgs])
 
     pl, sfc = [], []
     for i, c in enumerate(FCN_HDF5_LAYOUT):
