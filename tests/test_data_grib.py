@@ -450,3 +450,30 @@ def test_cli_member_option(tmp_path, capsys):
     assert ds.attrs["ensemble_member"] == 2 and ds.attrs["source_kind"] == "grib"
     ref = open_source([path], ["z500"], member=2).read(0, 2)
     assert np.array_equal(ds["fields"].values, ref)
+
+
+# ------------------------------------------------------------------ a real ERA5 GRIB file
+REAL_ERA5 = os.path.join(os.path.dirname(__file__), "fixtures", "era5-levels-members.grib")
+
+
+def test_real_era5_grib_prepares_like_its_netcdf_conversion(tmp_path):
+    """ECMWF's ERA5 sample (10 EDA members, z/t at 500/850 hPa, 12-hourly, 3 deg): prepare on the GRIB
+    equals prepare on cfgrib's netCDF conversion of it; the ensemble is refused naming 'number'."""
+    chans = ["z500", "t500", "z850", "t850"]
+    with pytest.raises(DataError, match=r"'number' has 10 members"):
+        open_source(REAL_ERA5, chans)
+    conv = tmp_path / "era5-levels-members.nc"
+    ds = xr.open_dataset(REAL_ERA5, engine="cfgrib", backend_kwargs={"indexpath": ""})
+    ds.to_netcdf(conv)
+    ref = ds.sel(number=3)
+    ds.close()
+    a = open_store(prepare([REAL_ERA5], tmp_path / "grib.zarr", channels=chans, member=3, progress=False))
+    b = open_store(prepare([str(conv)], tmp_path / "nc.zarr", channels=chans, member=3, progress=False))
+    assert a.sizes["time"] == 4 and a.sizes["lat"] == 61 and a.sizes["lon"] == 120
+    assert a.attrs["time_step_hours"] == 12.0
+    for v in ("fields", "mean", "std", "time_mean"):
+        np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=v)
+    # the values are the file's: member 3, z500 at every time (cfgrib's own decoding)
+    np.testing.assert_array_equal(a["fields"].sel(channel="z500").values,
+                                  ref["z"].sel(isobaricInhPa=500).values.astype(np.float32))
+    assert 4.5e4 < float(a["mean"].sel(channel="z500")) < 6e4  # geopotential, m2 s-2
