@@ -2,8 +2,15 @@
 
 ``load_torch_checkpoint(path, config, kind)`` returns an NNX model holding the
 original weights, ready for ``model(x)`` with ``x: [batch, lat, lon, channel]``.
-``python -m fcn_jax.convert CKPT --experiment NAME --out DIR`` writes them as an
-Orbax checkpoint that training, forecasting and evaluation load.
+``python -m fcn_jax.convert CKPT --experiment NAME --stats DIR --out MODEL``
+writes them as a model package (:mod:`fcn_jax.checkpoint`) that training,
+forecasting and evaluation load: with ``--stats`` it carries the release's
+normalisation (``global_means.npy`` / ``global_stds.npy`` of shape
+(1, 21, 1, 1), the experiment's channels picked by the original's index list),
+its climatology (``time_means.npy`` (1, 21, 721, 1440), rows 0..719; for
+``precip.ckpt`` ``precip/time_means.npy``) and the original's grid, so a
+forecast needs no store (:func:`read_release_stats`); ``--store`` takes them
+from a prepared store instead.
 
 The file is read without PyTorch by ``fcn_jax.torch_format``, whose restricted
 unpickler accepts only tensors and plain containers: no pickled code runs. Accepted layouts are what the original tooling wrote: a dict with
@@ -368,7 +375,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fcn_jax.convert",
         description="Convert an original FourCastNet PyTorch checkpoint (backbone.ckpt / precip.ckpt) "
-        "into an Orbax checkpoint for fcn_jax.",
+        "into an fcn_jax model package (Orbax weights + channels, statistics, grid, climatology).",
     )
     ap.add_argument("ckpt", help="path to the .ckpt/.tar written by the original code")
     ap.add_argument("--experiment", required=True, help="experiment name or YAML path giving the model config")
