@@ -189,7 +189,7 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                  perturbation_std: float = 0.3, seed: int = 0, precip_dir=None, mesh_shape=None,
                  ic_file=None, batch_size: int | None = None, member_chunk: int | None = None,
                  channels: Sequence[str] | None = None, precip_bound_std: float = 10.0, regrid: bool = False,
-                 member: int | None = None, progress: bool = False) -> Path:
+                 member: int | None = None, lead_chunk: int | None = 8, progress: bool = False) -> Path:
     """Run a forecast and write it to ``out`` (.nc / .zarr); see the module doc. Returns the path.
 
     ``ic_file``: the analysis to start from -- any source
@@ -203,7 +203,9 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     deterministic. ``mesh_shape``: ``(data, channel, height, width)`` (-1
     allowed; default all devices on ``data``). ``batch_size``: ICs per
     deterministic chunk; ``member_chunk``: members per ensemble chunk (both
-    rounded up to a multiple of the ``data`` axis; default 8).
+    rounded up to a multiple of the ``data`` axis; default 8). ``lead_chunk``:
+    model steps rolled out (and held) at a time by a deterministic forecast,
+    each segment written as soon as it is computed (None/0: all at once).
     ``precip_bound_std``: the precipitation model's log-space output is
     bounded at ``log1p(tp_max / eps)`` with ``tp_max = mean + K std`` of ``tp``
     in its training data (K = this; 0 = unbounded; unbounded too when neither
@@ -301,13 +303,14 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                 pass
         return np.full((len(sel), len(lat), len(lon)), np.nan, np.float32)
 
-    def with_precip(traj_n, sel, n_members=0):
+    def with_precip(traj_n, sel, n_members=0, starts_at_ic=True):
         """Physical ``[n, lead, (m), lat, lon, ch(+tp)]`` from a normalised trajectory."""
         phys = norm.denormalize(_to_host(traj_n))
         if pnet is None:
             return phys
         tp = _precip(pnet, traj_n, eps, y_max, sharding)  # [n, lead, (m), lat, lon]
-        tp[:, 0] = tp_at_init(sel)[:, None] if n_members else tp_at_init(sel)
+        if starts_at_ic:  # lead 0 is the analysis: its tp, not PrecipNet's
+            tp[:, 0] = tp_at_init(sel)[:, None] if n_members else tp_at_init(sel)
         return np.concatenate([phys, tp[..., None]], axis=-1)
 
     attrs = {"model": str(model_dir), "ic_source": str(analysis.where), "store": str(store) if store else None,
@@ -328,8 +331,14 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                 sel = np.arange(i0, min(i0 + bs, len(times)))
                 x = norm.normalize(read_ics(sel))
                 x = np.concatenate([x, np.repeat(x[-1:], bs - len(sel), axis=0)])  # pad to one compiled shape
-                traj = rollout(model, jax.device_put(x, sharding), steps)[: len(sel)]
-                writer.write(with_precip(traj, sel), i0)
+                state = jax.device_put(x, sharding)
+                # leads in segments, each written when computed: memory holds one segment, not the trajectory
+                for l0, n in _lead_segments(steps, lead_chunk):
+                    traj = rollout(model, state, n)  # [bs, n + 1, ...]: lead l0 .. l0 + n
+                    state = traj[:, -1]
+                    seg = traj[: len(sel)] if l0 == 0 else traj[: len(sel), 1:]
+                    writer.write(with_precip(seg, sel, starts_at_ic=l0 == 0), i0,
+                                 lead_start=0 if l0 == 0 else l0 + 1)
         else:
             chunk = _round_up(min(member_chunk or 8, members), n_data)
             split = nnx.split(model)
@@ -428,6 +437,18 @@ class _NoWriter:
         return False
 
 
+def _lead_segments(steps: int, lead_chunk: int | None) -> list[tuple[int, int]]:
+    """``(first step, steps)`` of equal segments of at most ``lead_chunk`` steps (None or 0: one segment).
+
+    Equal lengths (the last may be shorter only when ``steps`` does not divide) keep it to one or two compiles.
+    """
+    if not lead_chunk or lead_chunk >= steps:
+        return [(0, steps)]
+    n_seg = math.ceil(steps / lead_chunk)
+    size = math.ceil(steps / n_seg)
+    return [(l0, min(size, steps - l0)) for l0 in range(0, steps, size)]
+
+
 def _round_up(n: int, k: int) -> int:
     return int(math.ceil(max(int(n), 1) / k) * k)
 
@@ -464,6 +485,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--member-chunk", type=int, default=None, help="members per compiled call (default 8)")
     ap.add_argument("--batch-size", type=int, default=None, help="ICs per deterministic call (default 8)")
+    ap.add_argument("--lead-chunk", type=int, default=8,
+                    help="steps rolled out and held at a time by a deterministic forecast, each segment written "
+                         "when computed (bounds memory for long forecasts; 0 = all steps at once; default 8)")
     ap.add_argument("--precip", default=None, help="precipitation model dir: adds tp (metres)")
     ap.add_argument("--precip-bound-std", type=float, default=10.0,
                     help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")
@@ -499,7 +523,7 @@ def main(argv=None) -> int:
         run_forecast(args.model_dir, store=store, init_times=args.init, steps=args.steps, out=args.out,
                      members=args.members, perturbation_std=args.perturbation_std, seed=args.seed,
                      precip_dir=args.precip, mesh_shape=args.mesh, ic_file=ic, regrid=args.regrid, member=args.member,
-                     batch_size=args.batch_size, member_chunk=args.member_chunk,
+                     batch_size=args.batch_size, member_chunk=args.member_chunk, lead_chunk=args.lead_chunk,
                      channels=args.channels.split(",") if args.channels else None,
                      precip_bound_std=args.precip_bound_std, progress=distributed.is_primary())
     except (ForecastError, DataError, ConfigError, MeshError, FileNotFoundError) as e:

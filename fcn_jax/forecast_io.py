@@ -223,18 +223,22 @@ class ForecastWriter:
             self.abort(e)
             raise
 
-    def write(self, data, init_index: int | slice, member_start: int = 0) -> None:
+    def write(self, data, init_index: int | slice, member_start: int = 0, lead_start: int = 0) -> None:
         """Write ``data [n_init, lead, (member chunk), lat, lon, channel]`` (physical units, NumPy).
 
         ``init_index``: the first init index (or a slice) of the chunk;
-        ``member_start``: the first member of the chunk (ensembles).
+        ``member_start``: the first member of the chunk (ensembles);
+        ``lead_start``: the first lead of the chunk.
         """
         data = np.asarray(data, np.float32)
         if data.ndim != len(self.dims) + 1 or data.shape[-1] != len(self.channels):
             raise ForecastError(f"{self.path}: chunk of shape {data.shape} does not fit dims {self.dims} + channel"
                                 f" ({len(self.channels)} channels)")
         i0 = init_index.start if isinstance(init_index, slice) else int(init_index)
-        region = [slice(i0, i0 + data.shape[0]), slice(0, data.shape[1])]
+        if lead_start < 0 or lead_start + data.shape[1] > self.shape[1]:
+            raise ForecastError(f"{self.path}: leads {lead_start}..{lead_start + data.shape[1] - 1} do not fit the "
+                                f"file's {self.shape[1]} leads")
+        region = [slice(i0, i0 + data.shape[0]), slice(lead_start, lead_start + data.shape[1])]
         if self.members:
             region.append(slice(member_start, member_start + data.shape[2]))
         if self.zarr:

@@ -303,3 +303,22 @@ def test_walkthrough_published_weights_from_a_grib_analysis(release, converted, 
     z = scores["rmse"].sel(system="model", channel="z500").values
     assert z[0] < 2e-4 * STDS[14] and np.all(np.isfinite(z))
     assert float(scores["acc"].sel(system="model", channel="z500").isel(lead_time=0)) > 0.999
+
+
+def test_forecast_in_lead_segments_equals_one_rollout(release, converted, tmp_path):
+    """--lead-chunk rolls out and writes a few steps at a time (bounded memory): the same file as one rollout."""
+    from fcn_jax.forecast import _lead_segments
+
+    assert _lead_segments(5, 2) == [(0, 2), (2, 2), (4, 1)]
+    assert _lead_segments(28, 8) == [(0, 7), (7, 7), (14, 7), (21, 7)]  # equal segments: one compile
+    assert _lead_segments(4, 0) == [(0, 4)] and _lead_segments(4, 8) == [(0, 4)]
+    h5 = str(release["dir"] / "data" / "2018.h5")
+    runs = {}
+    for k in (0, 2):
+        out = tmp_path / f"f{k}.nc"
+        assert forecast.main([str(converted), "--ic-file", h5, "--init", "2018-01-01T00,2018-01-01T12",
+                              "--steps", "5", "--lead-chunk", str(k), "--out", str(out)]) == 0
+        runs[k] = read_forecast(out)
+    for c in FCN_20:
+        np.testing.assert_allclose(runs[2][c].values, runs[0][c].values, rtol=1e-6, atol=1e-6 * STDS.max())
+    assert not np.isnan(runs[2]["z500"].values).any()  # every lead written
