@@ -206,7 +206,7 @@ def _tidy(ds: xr.Dataset, label: str) -> xr.Dataset:
         ds = ds.isel(squeeze)
     if "valid_time" in ds.dims:
         t = np.asarray(ds["valid_time"].values)
-        if t.size > 1 and np.issubdtype(t.dtype, np.datetime64) and np.any(np.diff(t) <= np.timedelta64(0)):
+        if t.size > 1 and np.issubdtype(t.dtype, np.datetime64) and np.any(np.diff(t) <= np.timedelta64(0, "ns")):
             ds = ds.isel(valid_time=np.argsort(t, kind="stable"))
     return ds
 
