@@ -221,7 +221,7 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     from fcn_jax.normalize import Normalizer
     from fcn_jax.parallel.axes import IMAGE_SPEC
     from fcn_jax.parallel.mesh import make_mesh
-    from fcn_jax.rollout import ensemble_chunk
+    from fcn_jax.rollout import ensemble_chunk, ensemble_continue
 
     t0 = time.perf_counter()
     if steps < 1:
@@ -350,9 +350,16 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                 k_ic = jax.random.fold_in(key, i)
                 for m0 in range(0, members, chunk):
                     ids = np.arange(m0, m0 + chunk)  # the last chunk computes spare members, dropped below
-                    ens = ensemble_chunk(split, x, perturbation_std, k_ic, ids, steps)
                     keep = min(chunk, members - m0)
-                    writer.write(with_precip(ens[:, :, :keep], sel, keep), i, member_start=m0)
+                    for l0, n in _lead_segments(steps, lead_chunk):  # leads in segments, as above
+                        if l0 == 0:
+                            ens = ensemble_chunk(split, x, perturbation_std, k_ic, ids, n)
+                            seg = ens[:, :, :keep]
+                        else:
+                            ens = ensemble_continue(split, ens, n)
+                            seg = ens[:, 1:, :keep]
+                        writer.write(with_precip(seg, sel, keep, starts_at_ic=l0 == 0), i, member_start=m0,
+                                     lead_start=0 if l0 == 0 else l0 + 1)
     if progress:
         kind = f"{members}-member ensemble" if members else "deterministic"
         print(f"wrote {out}: {kind}, {len(times)} ICs x {steps + 1} leads, {len(out_channels)} channels "
@@ -486,8 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--member-chunk", type=int, default=None, help="members per compiled call (default 8)")
     ap.add_argument("--batch-size", type=int, default=None, help="ICs per deterministic call (default 8)")
     ap.add_argument("--lead-chunk", type=int, default=8,
-                    help="steps rolled out and held at a time by a deterministic forecast, each segment written "
-                         "when computed (bounds memory for long forecasts; 0 = all steps at once; default 8)")
+                    help="steps rolled out and held at a time (per IC batch or member chunk), each segment written "
+                         "when computed: bounds memory for long forecasts (0 = all steps at once; default 8)")
     ap.add_argument("--precip", default=None, help="precipitation model dir: adds tp (metres)")
     ap.add_argument("--precip-bound-std", type=float, default=10.0,
                     help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")

@@ -35,7 +35,7 @@ from flax import nnx
 from fcn_jax.parallel.axes import IMAGE_SPEC
 from fcn_jax.parallel.mesh import current_mesh
 
-__all__ = ["rollout_states", "rollout", "perturb", "ensemble_rollout", "ensemble_chunk"]
+__all__ = ["rollout_states", "rollout", "perturb", "ensemble_rollout", "ensemble_chunk", "ensemble_continue"]
 
 
 def rollout_states(model, x0, k: int):
@@ -101,8 +101,8 @@ def _perturb(x0, std, key, ids):
     return jnp.swapaxes(x0[None] + std * noise, 0, 1)  # [b, m, ...]
 
 
-def _ensemble_chunk(graphdef, state, x0, std, key, ids, steps):
-    xp = _perturb(x0, std, key, ids)  # [b, m, lat, lon, ch]
+def _ensemble_from(graphdef, state, xp, steps):
+    """Roll out members ``xp [b, m, lat, lon, ch]`` (normalised) -> ``[b, steps+1, m, ...]``."""
     b, m = xp.shape[:2]
     flat = xp.reshape((b * m,) + xp.shape[2:])  # batch-major: a 'data'-sharded batch stays contiguous
     if current_mesh() is not None:  # members shard over 'data' even when the IC batch is 1
@@ -112,7 +112,26 @@ def _ensemble_chunk(graphdef, state, x0, std, key, ids, steps):
     return jnp.swapaxes(out, 1, 2)  # [b, steps+1, m, ...]
 
 
+def _ensemble_chunk(graphdef, state, x0, std, key, ids, steps):
+    return _ensemble_from(graphdef, state, _perturb(x0, std, key, ids), steps)  # perturbed: [b, m, ...]
+
+
 _ensemble_chunk_jit = jax.jit(_ensemble_chunk, static_argnums=(0, 6))
+def _ensemble_continue(graphdef, state, ens, steps):
+    return _ensemble_from(graphdef, state, ens[:, -1], steps)  # inside jit: also for multi-host arrays
+
+
+_ensemble_continue_jit = jax.jit(_ensemble_continue, static_argnums=(0, 3))
+
+
+def ensemble_continue(model_split, ens, steps: int):
+    """Continue an ensemble chunk ``ens [batch, lead, member, ...]`` from its last lead by ``steps`` steps.
+
+    Returns ``[batch, steps+1, member, ...]`` whose lead 0 is ``ens``'s last:
+    a long ensemble forecast in lead segments (memory for one segment).
+    """
+    graphdef, state = model_split
+    return _ensemble_continue_jit(graphdef, state, ens, int(steps))
 
 
 def ensemble_chunk(model_split, x0, std, key, member_ids, steps: int):

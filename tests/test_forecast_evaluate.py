@@ -244,7 +244,8 @@ def test_forecast_cli_precipitation(store, model_dir, model, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_forecast_on_two_processes_equals_one(store, model_dir, tmp_path):
-    """jax.distributed: an ensemble with tp over 2 processes x 4 CPU devices = 1 process x 8, one file."""
+    """jax.distributed: an ensemble with tp over 2 processes x 4 CPU devices = 1 process x 8, one file
+    (in two lead segments: the second continues the first's global arrays on both processes)."""
     import subprocess
     import sys
 
@@ -261,7 +262,7 @@ def test_forecast_on_two_processes_equals_one(store, model_dir, tmp_path):
         # 8 members in chunks of 8 shard over the 8 devices of either layout: 4 on each process's devices
         return [sys.executable, "-m", "fcn_jax.forecast", model_dir, "--store", path, "--precip", str(pdir),
                 "--init", f"{times[1]},{times[5]}", "--steps", "3", "--members", "8", "--seed", "2",
-                "--out", str(workdir / "ens.nc"), *extra]
+                "--lead-chunk", "2", "--out", str(workdir / "ens.nc"), *extra]  # 2 lead segments
 
     run_one_and_two_processes(cmd, tmp_path / "one", tmp_path / "two")
     one, two = read_forecast(tmp_path / "one" / "ens.nc"), read_forecast(tmp_path / "two" / "ens.nc")

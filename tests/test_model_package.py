@@ -322,3 +322,17 @@ def test_forecast_in_lead_segments_equals_one_rollout(release, converted, tmp_pa
     for c in FCN_20:
         np.testing.assert_allclose(runs[2][c].values, runs[0][c].values, rtol=1e-6, atol=1e-6 * STDS.max())
     assert not np.isnan(runs[2]["z500"].values).any()  # every lead written
+
+
+def test_ensemble_in_lead_segments_equals_one_rollout(release, converted, tmp_path):
+    """Members continue from their last lead segment by segment (memory for one segment): the same file."""
+    h5 = str(release["dir"] / "data" / "2018.h5")
+    runs = {}
+    for k in (0, 2):
+        out = tmp_path / f"e{k}.nc"
+        assert forecast.main([str(converted), "--ic-file", h5, "--init", "2018-01-01T00", "--steps", "5",
+                              "--members", "3", "--seed", "4", "--lead-chunk", str(k), "--out", str(out)]) == 0
+        runs[k] = read_forecast(out)
+    assert runs[2].sizes["member"] == 3 and not np.isnan(runs[2]["t850"].values).any()
+    for c in FCN_20:
+        np.testing.assert_allclose(runs[2][c].values, runs[0][c].values, rtol=1e-6, atol=1e-6 * STDS.max())
