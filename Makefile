@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The suite on 8 emulated CPU devices (tests/conftest.py), without the cases marked slow:
-# about 14 minutes on 2 cores. `make test-all` adds the slow ones (multi-process runs, 16-device
+# about 6-8 minutes on 2 cores. `make test-all` adds the slow ones (multi-process runs, 16-device
 # self-tests, the remaining meshes, real world generation: about 28 minutes in all).
 PYTEST_ARGS ?=
 test: $(STAMP)
