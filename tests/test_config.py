@@ -134,9 +134,8 @@ def test_perturbations_experiment():
     assert cfg.model.token_grid == (90, 180)
 
 
-def test_world_experiment_is_small_if_present():
-    if "world" not in SHIPPED:
-        pytest.skip("experiments/world.yaml not written yet")
+def test_world_experiment_is_small():
+    assert "world" in SHIPPED
     cfg = load_experiment("world")
     m = cfg.model
     assert m.img_size[0] * m.img_size[1] * m.embed_dim * m.depth < 720 * 1440 * 768 * 12 / 100
