@@ -291,7 +291,7 @@ def read_package(path: str | Path, verify: bool = True) -> ModelPackage:
         std=np.asarray(norm["std"], np.float64) if "std" in norm else None,
         lat=np.asarray(grid["lat"], np.float64) if grid.get("lat") else None,
         lon=np.asarray(grid["lon"], np.float64) if grid.get("lon") else None,
-        time_step_hours=float(meta.get("time_step_hours", 6.0)), precip=meta.get("precip"),
+        time_step_hours=float(meta.get("time_step_hours", 6.0)), precip=_precip_settings(directory, meta, cfg),
         provenance=dict(meta.get("provenance") or {}), meta=meta)
 
 
@@ -316,7 +316,7 @@ def package_from_store(store, channels, *, kind: str = "backbone", precip_eps: f
 
     info = info or StoreInfo.read(store)
     channels = list(channels)
-    mean, std = info.stats(channels)
+    idx = info.index_of(channels)
     scored = ["tp"] if kind == "precip" else channels
     precip = None
     if kind == "precip":
@@ -324,13 +324,12 @@ def package_from_store(store, channels, *, kind: str = "backbone", precip_eps: f
         precip = {"eps": float(precip_eps if precip_eps is not None else 1e-5), "tp_mean": float(tp_mean[0]),
                   "tp_std": float(tp_std[0])}
     package = package_metadata(
-        channels=channels, mean=info.mean[info.index_of(channels)], std=info.std[info.index_of(channels)],
+        channels=channels, mean=info.mean[idx], std=info.std[idx],
         lat=info.lat, lon=info.lon, time_step_hours=info.time_step_hours,
         out_channels=["tp"] if kind == "precip" else channels, precip=precip,
         provenance={"store": str(Path(info.path).resolve()), "experiment": experiment,
                     "stats_years": str(info.attrs.get("stats_years", "")) or None,
                     "statistics": "the training store's global per-channel mean/std"})
-    del mean, std
     tm = info.time_mean(scored)
     clim = None
     if tm is not None:
@@ -359,9 +358,14 @@ def _run_config(directory: Path) -> dict:
     return {}
 
 
-def _legacy_train_setting(directory: Path, key: str, default):
-    """``train.<key>`` of a pre-package model's run (e.g. ``precip_eps``), else ``default``."""
-    return (_run_config(Path(directory)).get("train") or {}).get(key, default)
+def _precip_settings(directory: Path, meta: dict, cfg: ModelConfig) -> dict | None:
+    """A precipitation model's ``precip`` entry; a pre-package one's ``eps`` from its run (the original's 1e-5)."""
+    if cfg.kind != "precip":
+        return meta.get("precip")
+    precip = dict(meta.get("precip") or {})
+    if "eps" not in precip:
+        precip["eps"] = float((_run_config(directory).get("train") or {}).get("precip_eps", 1e-5))
+    return precip
 
 
 def _legacy_channels(directory: Path, meta: dict) -> list[str] | None:
@@ -379,8 +383,12 @@ def _legacy_channels(directory: Path, meta: dict) -> list[str] | None:
     return None
 
 
-def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None = None):
-    """Restore a model saved by :func:`save_model`, sharded for ``mesh`` (or one device)."""
+def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None = None, verify: bool = True):
+    """Restore a model saved by :func:`save_model`, sharded for ``mesh`` (or one device).
+
+    ``verify=False`` only where the caller has just verified the directory (:func:`read_package`):
+    at 0.25 deg a check re-reads ~380 MB.
+    """
     import orbax.checkpoint as ocp
 
     from fcn_jax.model.afnonet import build_model, param_shardings
@@ -388,7 +396,8 @@ def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None =
 
     directory = Path(directory).resolve()
     saved_cfg = read_model_config(directory)
-    integrity.check(directory, what="model checkpoint")  # never load (or export onwards) damaged weights
+    if verify:
+        integrity.check(directory, what="model checkpoint")  # never load (or export onwards) damaged weights
     cfg = model_cfg or saved_cfg
     if model_cfg is not None:
         # runtime switches may differ; the architecture may not
@@ -413,8 +422,6 @@ def load_model(directory: str | Path, mesh=None, model_cfg: ModelConfig | None =
 # ------------------------------------------------------------------ verify
 def describe_package(pkg: ModelPackage) -> str:
     """A few lines saying what a model package carries."""
-    import numpy as np
-
     cfg = pkg.config
     lines = [f"{pkg.path}: {pkg.kind} model, {cfg.in_channels} -> {cfg.out_channels} channels, img_size "
              f"{tuple(cfg.img_size)}, patch {tuple(cfg.patch_size)}, embed {cfg.embed_dim}, depth {cfg.depth}"]
@@ -434,7 +441,6 @@ def describe_package(pkg: ModelPackage) -> str:
         lines.append("  precipitation " + ", ".join(f"{k} {v:.6g}" for k, v in pkg.precip.items()))
     for k, v in sorted(pkg.provenance.items()):
         lines.append(f"  {k:<13} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    del np
     return "\n".join(lines)
 
 

@@ -414,7 +414,7 @@ def open_climatology(spec, chans, lat, lon, *, regrid: bool = False, model: str 
     """A climatology source (see the module doc) for ``chans`` on the grid ``lat``/``lon``."""
     import xarray as xr
 
-    from fcn_jax.data.analysis import _is_store
+    from fcn_jax.data.analysis import is_store
     from fcn_jax.data.errors import DataError
 
     s = str(spec)
@@ -437,7 +437,7 @@ def open_climatology(spec, chans, lat, lon, *, regrid: bool = False, model: str 
                                   model=model, package=pkg)
     if s.lower().endswith(".npy"):
         return _NpyClimatology(s, lat, lon, regrid=regrid, model=model)
-    if not remote and p.is_dir() and _is_store(s):
+    if not remote and p.is_dir() and is_store(s):
         from fcn_jax.data.store import open_store
 
         return _XarrayClimatology(open_store(s), f"store {s}", lat, lon, regrid=regrid, model=model, store=s)

@@ -125,11 +125,13 @@ def read_model_package(path, what: str = "MODEL_DIR"):
         raise ForecastError(f"{what} {path}: {e}") from None
 
 
-def model_channels(model_dir, override: Sequence[str] | None = None) -> list[str]:
-    """The input channels of a model, in order: ``override``, else the package's (see :func:`read_model_package`)."""
+def model_channels(model, override: Sequence[str] | None = None) -> list[str]:
+    """The input channels of a model (a directory or its read package), in order: ``override``, else the package's."""
     if override:
         return list(override)
-    pkg = read_model_package(model_dir)
+    from fcn_jax.checkpoint import ModelPackage
+
+    pkg = model if isinstance(model, ModelPackage) else read_model_package(model)
     if pkg.channels:
         return list(pkg.channels)
     raise ForecastError(f"{pkg.path}: cannot tell the model's channels (no channels in model.json, no run "
@@ -149,21 +151,18 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _stats_note(pkg, store) -> str:
-    """Where the normalisation comes from; warns when a store's statistics differ from the model's."""
+def _warn_if_store_stats_differ(pkg, store) -> None:
+    """A note when the store given next to a packaged model has other statistics (the model's are used)."""
     from fcn_jax.data.store import StoreInfo
 
-    if store is None:
-        return f"the model package {pkg.path}"
     info = StoreInfo.read(store)
     if not all(c in info.channels for c in pkg.channels):
-        return f"the model package {pkg.path}"
-    mean, std = info.stats(list(pkg.channels))
+        return
+    mean, _ = info.stats(list(pkg.channels))
     rel = float(np.max(np.abs(np.asarray(mean, np.float64) - pkg.mean) / pkg.std))
     if rel > 1e-4:
         print(f"note: normalising with the model's statistics (its training data); the store {store} has "
               f"others (means differ by up to {rel:.3g} std)", file=sys.stderr)
-    return f"the model package {pkg.path}"
 
 
 def _open_ics(pkg, source, chans, *, regrid: bool, member, model_dir):
@@ -230,6 +229,8 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
         raise ForecastError(f"--members must be >= 0, got {members}")
     if perturbation_std < 0:
         raise ForecastError(f"--perturbation-std must be >= 0, got {perturbation_std}")
+    if lead_chunk is not None and lead_chunk < 0:
+        raise ForecastError(f"--lead-chunk must be >= 0 (0 = all steps at once), got {lead_chunk}")
     if ic_file is None and store is None:
         raise ForecastError("no initial conditions: give --ic-file SOURCE (an analysis: HDF5, netCDF, GRIB, zarr, "
                             "a store) or --store STORE")
@@ -238,13 +239,15 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     if cfg.kind != "backbone":
         raise ForecastError(f"{model_dir}: a {cfg.kind} model; MODEL_DIR must be a backbone (give a precipitation "
                             f"model with --precip)")
-    chans = model_channels(model_dir, channels)
+    chans = model_channels(pkg, channels)
     if len(chans) != cfg.in_channels or cfg.out_channels != cfg.in_channels:
         raise ForecastError(f"{model_dir}: the model maps {cfg.in_channels} -> {cfg.out_channels} channels but its "
                             f"channel list has {len(chans)}: {chans}")
     if pkg.has_stats and list(chans) == list(pkg.channels):
         norm = pkg.normalizer()
-        stats_from = _stats_note(pkg, store)
+        stats_from = f"the model package {model_dir}"
+        if store is not None:
+            _warn_if_store_stats_differ(pkg, store)
     elif store is not None:
         from fcn_jax.data.store import store_stats
 
@@ -284,8 +287,9 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
         step_hours = StoreInfo.read(analysis.store).time_step_hours
     lat, lon = analysis.lat, analysis.lon
     out_channels = chans + (["tp"] if pcfg is not None else [])
-    model = model_ckpt.load_model(model_dir, mesh)
-    pnet = model_ckpt.load_model(precip_dir, mesh) if pcfg is not None else None
+    # both verified by read_model_package above: not read twice more
+    model = model_ckpt.load_model(model_dir, mesh, verify=False)
+    pnet = model_ckpt.load_model(precip_dir, mesh, verify=False) if pcfg is not None else None
     eps, y_max, bound_note = None, None, None
     if pcfg is not None:
         eps, y_max, bound_note = _precip_settings(ppkg, store, precip_bound_std)
@@ -370,11 +374,7 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
 def _precip_settings(ppkg, store, bound_std: float):
     """``(eps, y_max, note)`` of a precipitation model: its package's eps and tp statistics, else a store's."""
     info = ppkg.precip or {}
-    eps = float(info.get("eps", 1e-5))
-    if "eps" not in info:
-        from fcn_jax.checkpoint import _legacy_train_setting
-
-        eps = float(_legacy_train_setting(ppkg.path, "precip_eps", 1e-5))
+    eps = float(info["eps"])  # read_package fills a pre-package model's from its run (default 1e-5)
     if bound_std <= 0:
         return eps, None, "unbounded (--precip-bound-std 0)"
     if "tp_mean" in info and "tp_std" in info:

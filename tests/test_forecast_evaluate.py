@@ -322,6 +322,8 @@ def test_forecast_from_a_converted_original_checkpoint(store, model, tmp_path, c
     ("count", r"maps 3 -> 3 channels but its channel list has 2"),
     ("grid", r"grid lat x lon = \(16, 32\) but the model .* img_size \(8, 16\)"),
     ("ic_grid", r"ic\.nc: grid 8 x 16 \(lat .*\) does not fit the model .*'s grid 16 x 32 .*--regrid"),
+    ("lead_chunk", r"--lead-chunk must be >= 0 \(0 = all steps at once\), got -2"),
+    ("damaged", r"MODEL_DIR .*model package .* is damaged: params/.*contents damaged"),
 ])
 def test_forecast_bad_input_is_a_clear_error_and_leaves_nothing(case, pattern, store, model_dir, tmp_path, capsys):
     path, times = store
@@ -343,6 +345,17 @@ def test_forecast_bad_input_is_a_clear_error_and_leaves_nothing(case, pattern, s
         xr.Dataset({c: (("time", "lat", "lon"), np.zeros((1, 8, 16), np.float32)) for c in CHANNELS},
                    coords={"time": times[:1], "lat": lat8, "lon": lon16}).to_netcdf(tmp_path / "ic.nc")
         args += ["--ic-file", str(tmp_path / "ic.nc")]
+    elif case == "lead_chunk":
+        args += ["--lead-chunk", "-2"]
+    elif case == "damaged":  # the package is verified once, before anything is loaded
+        import shutil
+
+        shutil.copytree(model_dir, tmp_path / "dmg")
+        blob = max((p for p in (tmp_path / "dmg" / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        args[0] = str(tmp_path / "dmg")
     assert forecast.main(args) == 2
     assert __import__("re").search(pattern, capsys.readouterr().err)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("f.nc") or p.startswith(".f.nc")]

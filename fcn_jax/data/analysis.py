@@ -31,7 +31,7 @@ import numpy as np
 
 from fcn_jax.data.errors import DataError
 
-__all__ = ["Analysis", "open_analysis", "fit_grid", "GridFit"]
+__all__ = ["Analysis", "open_analysis", "fit_grid", "GridFit", "is_store"]
 
 _ATOL_DEG = 1e-4
 
@@ -165,7 +165,8 @@ class Analysis:
 # --------------------------------------------------------------------------- #
 
 
-def _is_store(path: str) -> bool:
+def is_store(path: str) -> bool:
+    """True when ``path`` is a prepared fcn_jax store (a zarr group with its version attribute)."""
     return os.path.isdir(path) and (os.path.exists(os.path.join(path, ".zattrs"))
                                     or os.path.exists(os.path.join(path, "zarr.json"))) and _store_attr(path)
 
@@ -223,7 +224,7 @@ def open_analysis(source: str | os.PathLike | Sequence[str], channels: Sequence[
     p0 = paths[0]
     if len(paths) == 1 and "://" not in p0 and not os.path.exists(p0):
         raise DataError(f"{p0}: not found (expected a store, a source file or directory, or 'world')")
-    if len(paths) == 1 and _is_store(p0):
+    if len(paths) == 1 and is_store(p0):
         return _from_store(p0, channels, lat, lon, regrid, model)
     if len(paths) == 1 and "://" not in p0:
         ds = _own_layout(p0, channels)
