@@ -303,6 +303,7 @@ def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone",
     """
     from fcn_jax import checkpoint
     from fcn_jax.data.channels import channel_names
+    from fcn_jax.data.readers.grid import original_grid
     from fcn_jax.integrity import file_crc32c
 
     d = Path(stats_dir)
@@ -339,7 +340,6 @@ def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone",
     else:
         tm_path = Path(time_means) if time_means else d / "time_means.npy"
         scored, tm_idx = channels, idx
-    hs = h + 1  # the original's grid: 721 rows pole to pole, the model sees the first 720
     clim = None
     if tm_path.is_file():
         tm = _load_npy(tm_path)
@@ -348,12 +348,11 @@ def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone",
         if tm.ndim != 4 or tm.shape[0] != 1 or tm.shape[1] != want_c or tm.shape[3] != w or tm.shape[2] not in (h, h + 1):
             raise StatsError(f"{tm_path}: shape {tm.shape}, expected (1, {want_c}, {h + 1} or {h}, {w}) for a "
                              f"{kind} model on a {h} x {w} grid with {n}-entry statistics")
-        hs = tm.shape[2] if tm.shape[2] == h + 1 else h + 1
         clim_arr = tm[0, tm_idx, :h, :].astype(np.float32)  # the original: rows 0 .. img_shape_x - 1
     elif time_means:
         raise FileNotFoundError(f"{tm_path}: not found")
-    lat = np.linspace(90.0, -90.0, hs)[:h]
-    lon = np.arange(w) * (360.0 / w)
+    lat, lon = original_grid(h + 1, w)  # 721 rows pole to pole; the model sees the first 720
+    lat = lat[:h]
     if tm_path.is_file():
         clim = checkpoint.climatology_dataset(clim_arr, scored, lat, lon,
                                               source=f"release time mean {tm_path.name} (rows 0..{h - 1})")

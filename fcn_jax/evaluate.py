@@ -278,6 +278,7 @@ class _NpyClimatology(_Climatology):
     def __init__(self, path, lat, lon, *, regrid, model):
         from fcn_jax.data.analysis import GridFit, fit_grid
         from fcn_jax.data.channels import FCN_HDF5_LAYOUT
+        from fcn_jax.data.readers.grid import original_grid
 
         self.label = f"time means {path}"
         try:
@@ -303,7 +304,7 @@ class _NpyClimatology(_Climatology):
             self.fit = GridFit("identity", np.asarray(lat), np.asarray(lon), lambda x: x,
                                "taken to be on the forecast's grid (same shape)")
         else:  # the original's grid: 90 -> -90 with both poles, longitude from 0
-            self.fit = fit_grid(np.linspace(90.0, -90.0, h), np.arange(w) * (360.0 / w), lat, lon, regrid=regrid,
+            self.fit = fit_grid(*original_grid(h, w), lat, lon, regrid=regrid,
                                 where=f"{path} (the original's grid, latitude 90 .. -90 with both poles)",
                                 model=model)
         self.grid_note = self.fit.note
@@ -324,67 +325,44 @@ class _WB2Climatology(_Climatology):
     has_doy = True
 
     def __init__(self, path, chans, lat, lon, *, model):
-        import xarray as xr
-
         from fcn_jax.data.analysis import fit_grid
-        from fcn_jax.data.channels import resolve_channels
-        from fcn_jax.data.climatology import linear_regrid
+        from fcn_jax.data.climatology import WB2Climatology, linear_regrid
         from fcn_jax.data.errors import DataError
-        from fcn_jax.data.readers.grid import orientation_indexers
-        from fcn_jax.data.readers.pieces import variable_candidates
-        from fcn_jax.data.readers.units import unit_conversion
 
         self.label = f"WeatherBench 2 climatology {path}"
         try:
-            ds = xr.open_zarr(path, chunks=None, decode_timedelta=False)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"--climatology {path}: not a model package, store or .npy, and it cannot be opened "
-                            f"as a WeatherBench 2 climatology zarr ({type(e).__name__}: {e}); expected "
-                            f"{_CLIM_KINDS}") from e
-        ds = ds.rename({k: v for k, v in (("latitude", "lat"), ("longitude", "lon")) if k in ds.dims})
-        for need in ("dayofyear", "hour", "lat", "lon"):
-            if need not in ds.dims:
-                raise DataError(f"{path}: climatology lacks dimension {need!r}; expected WeatherBench 2's "
-                                f"(hour, dayofyear, [level,] longitude, latitude), found {dict(ds.sizes)}")
-        self.doys = np.asarray(ds["dayofyear"].values).astype(int)
-        self.hours = np.asarray(ds["hour"].values).astype(int)
-        self.li, self.oi, slat, slon = orientation_indexers(ds["lat"].values, ds["lon"].values, path)
+            self.src = src = WB2Climatology(path, self._known(chans), missing="skip")
+        except DataError as e:
+            raise DataError(f"--climatology {path}: not a model package, store or .npy, and not a WeatherBench 2 "
+                            f"climatology zarr ({e}); expected {_CLIM_KINDS}") from e
+        self.doys, self.hours = src.doys, np.asarray(src.hours)
         try:
-            fit = fit_grid(slat, slon, lat, lon, where=self.label, model=model)
+            fit = fit_grid(src.lat, src.lon, lat, lon, where=self.label, model=model)
             self._fit = lambda x: fit(np.moveaxis(x, 1, -1))  # [n, C, slat, slon] -> [n, lat, lon, C]
             self.grid_note = fit.note
         except DataError:
-            self._fit = lambda x: np.moveaxis(linear_regrid(x, slat, slon, lat, lon), 1, -1).astype(np.float32)
-            self.grid_note = (f"bilinear interpolation from {slat.size} x {slon.size} (periodic in longitude, as "
-                              f"prepare --climatology imports it)")
-        self.vars = {}
-        for name in chans:
-            try:
-                ch = resolve_channels([name])[0]
-            except DataError:
-                continue
-            var = next((v for v in variable_candidates(ch, "wb2") if v in ds.data_vars), None)
-            if var is None:
-                continue
-            da = ds[var]
-            if ch.is_pressure_level:
-                if "level" not in da.dims:
-                    continue
-                hit = np.nonzero(np.isclose(np.asarray(da["level"].values, np.float64), ch.level))[0]
-                if not hit.size:
-                    continue
-                da = da.isel(level=int(hit[0]))
-            elif "level" in da.dims:
-                continue
-            scale, offset, _ = unit_conversion(da.attrs.get("units"), ch, f"{path} variable {var!r}")
-            self.vars[name] = (da.transpose("dayofyear", "hour", "lat", "lon"), scale, offset)
-        self.channels = list(self.vars)
+            self._fit = lambda x: np.moveaxis(linear_regrid(x, src.lat, src.lon, lat, lon), 1, -1).astype(np.float32)
+            self.grid_note = (f"bilinear interpolation from {src.lat.size} x {src.lon.size} (periodic in longitude, "
+                              f"as prepare --climatology imports it)")
+        self.channels = list(src.vars)
         self._tm = {}
 
+    @staticmethod
+    def _known(chans):
+        """The catalogue's channels among ``chans`` (a name it does not know has no WB2 variable)."""
+        from fcn_jax.data.channels import get_channel
+        from fcn_jax.data.errors import DataError
+
+        out = []
+        for c in chans:
+            try:
+                out.append(get_channel(c))
+            except DataError:
+                pass
+        return out
+
     def _read(self, name, **isel) -> np.ndarray:
-        da, scale, offset = self.vars[name]
-        x = np.asarray(da.isel(**isel).values, np.float64)
-        return x[..., self.li, :][..., self.oi] * scale + offset
+        return self.src.read(name, **isel)
 
     def _slots(self, pairs, chans):
         d = self._positions(self.doys, pairs[:, 0], "day(s) of year", self.label)
@@ -394,7 +372,7 @@ class _WB2Climatology(_Climatology):
 
     def time_mean(self, chans):
         # the mean over every (dayofyear, hour) slot, accumulated in blocks of days of at most ~256 MB
-        per_day = self.hours.size * self.li.size * self.oi.size * 8
+        per_day = self.hours.size * self.src.lat.size * self.src.lon.size * 8
         block = int(max(1, (1 << 28) // per_day))
         for c in chans:
             if c not in self._tm:

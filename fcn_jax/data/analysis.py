@@ -88,25 +88,17 @@ def fit_grid(src_lat, src_lon, lat=None, lon=None, *, regrid: bool = False, wher
                         f"{_grid_text(lat, lon)}; give --regrid to interpolate it (bilinear), or a source "
                         f"on that grid")
     return GridFit("bilinear", lat, lon, _bilinear(src_lat, src_lon, lat, lon),
-                   f"bilinear interpolation from {_grid_text(src_lat, src_lon)} (xarray.interp, periodic in "
-                   f"longitude; latitudes beyond the source's outermost rows take those rows)")
+                   f"bilinear interpolation from {_grid_text(src_lat, src_lon)} (periodic in longitude; "
+                   f"latitudes beyond the source's outermost rows take those rows)")
 
 
 def _bilinear(src_lat, src_lon, lat, lon):
-    import xarray as xr
-
-    # periodic longitude: one wrapped column on each side
-    lon_ext = np.concatenate([[src_lon[-1] - 360.0], src_lon, [src_lon[0] + 360.0]])
-    order = np.argsort(src_lat)  # interp wants ascending coordinates
-    lat_asc = src_lat[order]
-    tgt_lat = np.clip(lat, lat_asc[0], lat_asc[-1])
+    from fcn_jax.data.climatology import linear_regrid  # the one bilinear regridder (also WB2 climatologies)
 
     def apply(x: np.ndarray) -> np.ndarray:
         # x: [n, src_lat, src_lon, C] -> [n, lat, lon, C]
-        x = np.concatenate([x[:, :, -1:], x, x[:, :, :1]], axis=2)[:, order]
-        da = xr.DataArray(x, dims=("t", "lat", "lon", "c"), coords={"lat": lat_asc, "lon": lon_ext})
-        out = da.interp(lat=xr.DataArray(tgt_lat, dims="lat"), lon=xr.DataArray(lon, dims="lon"), method="linear")
-        return np.asarray(out.transpose("t", "lat", "lon", "c").values, np.float32)
+        y = linear_regrid(np.moveaxis(x, -1, 1), src_lat, src_lon, lat, lon)  # [n, C, lat, lon]
+        return np.ascontiguousarray(np.moveaxis(y, 1, -1), np.float32)
 
     return apply
 

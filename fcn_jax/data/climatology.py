@@ -234,66 +234,99 @@ def linear_regrid(x: np.ndarray, src_lat, src_lon, dst_lat, dst_lon) -> np.ndarr
     return rows[..., j0] * (1 - wo) + rows[..., j1] * wo
 
 
+class WB2Climatology:
+    """A WeatherBench 2-format climatology zarr, opened lazily: what both its import and evaluate read.
+
+    Attributes: ``doys`` and ``hours`` (as stored), ``lat_idx``/``lon_idx``
+    (putting the grid north -> south, lon in [0, 360)), ``lat``/``lon`` (that
+    grid), ``vars``: channel name -> ``(DataArray (dayofyear, hour, lat, lon)
+    as stored, scale, offset)``. Variables are found by WB2 long name (CDS
+    short name tried next), levels in hPa, units converted as for sources.
+    ``missing="raise"``: a channel without a variable is an error naming what
+    the file has; ``"skip"``: left out of ``vars``.
+    """
+
+    def __init__(self, path: str, channels, *, missing: str = "raise"):
+        import xarray as xr
+
+        from fcn_jax.data.channels import resolve_channels
+        from fcn_jax.data.readers.grid import orientation_indexers
+        from fcn_jax.data.readers.pieces import variable_candidates
+        from fcn_jax.data.readers.units import unit_conversion
+
+        try:
+            ds = xr.open_zarr(path, chunks=None, decode_timedelta=False)
+        except Exception as e:
+            raise DataError(f"{path}: cannot open the climatology as a zarr store ({type(e).__name__}: {e})") from e
+        ds = ds.rename({k: v for k, v in (("latitude", "lat"), ("longitude", "lon")) if k in ds.dims})
+        for need in ("dayofyear", "hour", "lat", "lon"):
+            if need not in ds.dims:
+                raise DataError(f"{path}: climatology lacks dimension {need!r}; expected WeatherBench 2's "
+                                f"(hour, dayofyear, [level,] longitude, latitude), found {dict(ds.sizes)}")
+        self.path = path
+        self.doys = np.asarray(ds["dayofyear"].values).astype(int)
+        self.hours = [int(h) for h in np.asarray(ds["hour"].values)]
+        self.lat_idx, self.lon_idx, self.lat, self.lon = orientation_indexers(ds["lat"].values, ds["lon"].values,
+                                                                              path)
+        self.vars = {}
+        chans = channels if channels and not isinstance(channels[0], str) else resolve_channels(list(channels))
+        for ch in chans:
+            var = next((v for v in variable_candidates(ch, "wb2") if v in ds.data_vars), None)
+            where = f"{path} variable {var!r}"
+            problem = None
+            if var is None:
+                problem = (f"{path}: climatology has no variable for channel {ch.name} (tried "
+                           f"{variable_candidates(ch, 'wb2')}); it has {sorted(map(str, ds.data_vars))}")
+            else:
+                da = ds[var]
+                if ch.is_pressure_level:
+                    lv = np.asarray(da["level"].values, np.float64) if "level" in da.dims else np.array([])
+                    hit = np.nonzero(np.isclose(lv, ch.level))[0]
+                    if "level" not in da.dims:
+                        problem = f"{where}: no level dimension for channel {ch.name}"
+                    elif not hit.size:
+                        problem = f"{where}: level {ch.level} hPa missing; levels {lv.tolist()}"
+                    else:
+                        da = da.isel(level=int(hit[0]))
+                elif "level" in da.dims:
+                    problem = f"{where}: single-level channel {ch.name} but the variable has levels"
+            if problem:
+                if missing == "raise":
+                    raise DataError(problem)
+                continue
+            scale, offset, _ = unit_conversion(da.attrs.get("units"), ch, where)
+            self.vars[ch.name] = (da.transpose("dayofyear", "hour", "lat", "lon"), scale, offset)
+
+    def read(self, name: str, **isel) -> np.ndarray:
+        """Channel ``name`` at ``isel`` (dayofyear/hour positions as stored), oriented, in the catalogue's units."""
+        da, scale, offset = self.vars[name]
+        x = np.asarray(da.isel(**isel).values, np.float64)
+        return x[..., self.lat_idx, :][..., self.lon_idx] * scale + offset
+
+
 def import_wb2(path: str, channels, lat: np.ndarray, lon: np.ndarray, out_array,
                progress: Callable[[int], None] | None = None) -> list[int]:
     """Copy a WeatherBench 2-format climatology into ``out_array`` [366, hours, C, lat, lon].
 
-    Returns the hours of day. Variables are found by WB2 long name (CDS short
-    name tried next), levels in hPa, units converted as for sources.
+    Returns the hours of day (see :class:`WB2Climatology` for the lookup).
     """
-    import xarray as xr
-
-    from fcn_jax.data.readers.grid import orientation_indexers
-    from fcn_jax.data.readers.pieces import variable_candidates
-    from fcn_jax.data.readers.units import unit_conversion
-
-    try:
-        ds = xr.open_zarr(path, chunks=None, decode_timedelta=False)
-    except Exception as e:
-        raise DataError(f"{path}: cannot open the climatology as a zarr store ({type(e).__name__}: {e})") from e
-    ren = {k: v for k, v in (("latitude", "lat"), ("longitude", "lon")) if k in ds.dims}
-    ds = ds.rename(ren)
-    for need in ("dayofyear", "hour", "lat", "lon"):
-        if need not in ds.dims:
-            raise DataError(f"{path}: climatology lacks dimension {need!r}; expected WeatherBench 2's "
-                            f"(hour, dayofyear, [level,] longitude, latitude), found {dict(ds.sizes)}")
-    doys = np.asarray(ds["dayofyear"].values).astype(int)
-    if sorted(doys.tolist()) != list(range(1, N_DOY + 1)):
-        raise DataError(f"{path}: dayofyear must be 1..366; found {doys.min()}..{doys.max()} ({doys.size})")
-    hours = [int(h) for h in np.asarray(ds["hour"].values)]
-    lat_idx, lon_idx, slat, slon = orientation_indexers(ds["lat"].values, ds["lon"].values, path)
-    same = slat.shape == lat.shape and slon.shape == lon.shape and np.allclose(slat, lat, atol=1e-4) \
-        and np.allclose(slon, lon, atol=1e-4)
-    das = []
-    for ch in channels:
-        var = next((v for v in variable_candidates(ch, "wb2") if v in ds.data_vars), None)
-        if var is None:
-            raise DataError(f"{path}: climatology has no variable for channel {ch.name} (tried "
-                            f"{variable_candidates(ch, 'wb2')}); it has {sorted(map(str, ds.data_vars))}")
-        da = ds[var]
-        where = f"{path} variable {var!r}"
-        if ch.is_pressure_level:
-            if "level" not in da.dims:
-                raise DataError(f"{where}: no level dimension for channel {ch.name}")
-            lv = np.asarray(da["level"].values, np.float64)
-            hit = np.nonzero(np.isclose(lv, ch.level))[0]
-            if not hit.size:
-                raise DataError(f"{where}: level {ch.level} hPa missing; levels {lv.tolist()}")
-            da = da.isel(level=int(hit[0]))
-        scale, offset, _ = unit_conversion(da.attrs.get("units"), ch, where)
-        da = da.transpose("dayofyear", "hour", "lat", "lon")
-        das.append((da, scale, offset))
-    order = np.argsort(doys)
+    clim = WB2Climatology(path, channels)
+    if sorted(clim.doys.tolist()) != list(range(1, N_DOY + 1)):
+        raise DataError(f"{path}: dayofyear must be 1..366; found {clim.doys.min()}..{clim.doys.max()} "
+                        f"({clim.doys.size})")
+    same = clim.lat.shape == lat.shape and clim.lon.shape == lon.shape and np.allclose(clim.lat, lat, atol=1e-4) \
+        and np.allclose(clim.lon, lon, atol=1e-4)
+    order = np.argsort(clim.doys)
     for d in range(N_DOY):
         k = int(order[d])
         slab = []
-        for da, scale, offset in das:
-            x = np.asarray(da.isel(dayofyear=k).values, np.float64)[:, lat_idx][:, :, lon_idx] * scale + offset
-            slab.append(x if same else linear_regrid(x, slat, slon, lat, lon))
+        for name in clim.vars:
+            x = clim.read(name, dayofyear=k)  # [hours, lat, lon]
+            slab.append(x if same else linear_regrid(x, clim.lat, clim.lon, lat, lon))
         out_array[d] = np.stack(slab, axis=1).astype(np.float32)  # [hours, C, lat, lon]
         if progress is not None:
             progress(1)
-    return hours
+    return clim.hours
 
 
 def wb2_hours(path: str) -> list[int]:

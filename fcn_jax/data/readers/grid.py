@@ -87,6 +87,12 @@ def select_member(ds: xr.Dataset, where: str, member: int | None) -> xr.Dataset:
     return ds.isel(number=int(hit[0])) if "number" in ds.dims else ds
 
 
+def original_grid(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid of the original's files, which carry no coordinates: latitude 90 -> -90 with both poles
+    (721 rows at 0.25 deg; the model sees the first 720), longitude 0 -> 360 - dx."""
+    return np.linspace(90.0, -90.0, n_lat), np.arange(n_lon) * (360.0 / n_lon)
+
+
 def orientation_indexers(lat: np.ndarray, lon: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Index arrays putting lat north->south and lon into [0, 360) ascending.
 

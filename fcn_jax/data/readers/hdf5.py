@@ -29,6 +29,7 @@ import numpy as np
 from fcn_jax.data.channels import Channel
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.readers.accumulate import trim_to_common_span
+from fcn_jax.data.readers.grid import original_grid
 from fcn_jax.data.readers.pieces import HDF5_LOCK, Piece
 from fcn_jax.data.readers.source import CanonicalSource, assemble
 
@@ -92,8 +93,7 @@ def _precip_piece(path: str, year: int, shape, step_hours: int, ch: Channel) -> 
     start = np.datetime64(f"{year:04d}-01-01T00:00", "ns") + np.timedelta64(hour0, "h")
     times = start + np.arange(n) * np.timedelta64(step_hours, "h").astype("timedelta64[ns]")
     handle = _H5Field(path, PRECIP_DATASET)
-    return Piece(ch, path, PRECIP_DATASET, times, np.linspace(90.0, -90.0, h), np.arange(w) * (360.0 / w),
-                 _reader(handle, (), path, ch))
+    return Piece(ch, path, PRECIP_DATASET, times, *original_grid(h, w), _reader(handle, (), path, ch))
 
 
 def _year_end_gap(before: np.datetime64, after: np.datetime64) -> bool:
@@ -159,8 +159,7 @@ def open_fcn_hdf5(paths: Sequence[str], channels: Sequence[Channel], *,
         n, _, h, w = shape
         start = np.datetime64(f"{year:04d}-01-01T00:00", "ns")
         times = start + np.arange(n) * np.timedelta64(step_hours, "h").astype("timedelta64[ns]")
-        lat = np.linspace(90.0, -90.0, h)
-        lon = np.arange(w) * (360.0 / w)
+        lat, lon = original_grid(h, w)
         handle = _H5Field(path, dataset)
         for ch in channels:
             if ch.name == PRECIP_CHANNEL and ch.name not in canon_layout:
