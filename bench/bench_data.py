@@ -20,7 +20,7 @@ Pipeline: two stores:
   steps, synthetic values with noise so compression behaves like real data),
   written by the real ``prepare`` into a temporary directory and removed after;
 * the embedded world (16 channels x 32 x 64), generated/cached by
-  ``fcn_jax.data.world.world_store``.
+  ``fcn_jax.data.catalog.world_store``.
 
 For each: samples/s of the raw source (one thread, no device), and of the
 training iterator (windows of k+1 = 2 steps, normalised on device) with reader
@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fcn_jax.data import synthetic as S  # noqa: E402
 from fcn_jax.data.pipeline import WindowSource, make_train_iterator  # noqa: E402
-from fcn_jax.data.store import prepare  # noqa: E402
+from fcn_jax.data.prepare import prepare  # noqa: E402
 from fcn_jax.parallel.axes import MESH_AXES  # noqa: E402
 
 
@@ -282,7 +282,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     if not args.skip_world:
-        from fcn_jax.data.world import world_store
+        from fcn_jax.data.catalog import world_store
 
         t = time.perf_counter()
         store = str(world_store(progress=False))

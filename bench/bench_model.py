@@ -52,8 +52,9 @@ from flax import nnx  # noqa: E402
 
 from fcn_jax.config import ModelConfig  # noqa: E402
 from fcn_jax.model.afnonet import AFNONet  # noqa: E402
+
 # the abstract (nothing allocated) train inputs and XLA's own numbers, shared with the performance model's check
-from fcn_jax.perf.compiler import abstract_train_inputs, cost_flops, memory_stats  # noqa: E402
+from fcn_jax.perfmodel.compiler import abstract_train_inputs, cost_flops, memory_stats  # noqa: E402
 from fcn_jax.training.step import init_train_state, make_train_step  # noqa: E402
 
 GB = 1e9

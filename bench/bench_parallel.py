@@ -15,9 +15,9 @@ no array of the model's size is allocated. Reported per device:
   the collectives move per step, read from the compiled HLO, next to the
   design's prediction (parallelism spec §13).
 
-Compiler readings come from :mod:`fcn_jax.perf.compiler` and the prediction
-next to them from the performance model (:mod:`fcn_jax.perf.model`, spectral
-layouts in :mod:`fcn_jax.perf.layouts`, byte convention documented there):
+Compiler readings come from :mod:`fcn_jax.perfmodel.compiler` and the prediction
+next to them from the performance model (:mod:`fcn_jax.perfmodel.model`, spectral
+layouts in :mod:`fcn_jax.perfmodel.layouts`, byte convention documented there):
 this script is a command line over the package.
 
 Each case compiles in a child process, so a case that runs out of host memory
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from fcn_jax.perf.compiler import OPS
+from fcn_jax.perfmodel.compiler import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,9 +63,9 @@ GB = 1e9
 def predicted(cfg, shape, local_batch: int, layout: str) -> dict:
     """The performance model's collective bytes per kind, memory and flops per device for one case."""
     from fcn_jax.parallel.mesh import MeshSizes
-    from fcn_jax.perf import model as pm
-    from fcn_jax.perf.hardware import get_hardware
-    from fcn_jax.perf.layouts import spectral_bytes_per_transform
+    from fcn_jax.perfmodel import model as pm
+    from fcn_jax.perfmodel.hardware import get_hardware
+    from fcn_jax.perfmodel.layouts import spectral_bytes_per_transform
 
     sizes = MeshSizes(*shape)
     s = pm.Setting(cfg, sizes, shape[0] * local_batch, get_hardware("a100-80gb"), layout)
@@ -92,7 +92,7 @@ def run_case(case: dict, n_devices: int) -> dict:
 
     from fcn_jax.config import ModelConfig
     from fcn_jax.parallel.mesh import MeshError, MeshSizes, validate_layout
-    from fcn_jax.perf.compiler import compile_train_step
+    from fcn_jax.perfmodel.compiler import compile_train_step
 
     shape = tuple(case["mesh"])
     cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in case["model"].items()})
@@ -116,8 +116,8 @@ def run_case(case: dict, n_devices: int) -> dict:
 
 def valid_meshes(cfg, n_devices: int, batch: int) -> list[str]:
     """data=1 meshes of ``n_devices`` each spectral layout accepts, as 'c x h x w (layout)' strings."""
-    from fcn_jax.perf.layouts import LAYOUTS
-    from fcn_jax.perf.predict import meshes_for
+    from fcn_jax.perfmodel.layouts import LAYOUTS
+    from fcn_jax.perfmodel.predict import meshes_for
 
     return [f"{'x'.join(map(str, m.shape))} ({name})" for name in LAYOUTS
             for m in meshes_for(cfg, n_devices, name, batch) if m.data == 1]

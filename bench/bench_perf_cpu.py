@@ -2,7 +2,7 @@
 """Measured against predicted: the train step and forward pass of small models on this CPU.
 
 For each configuration the script (1) measures this CPU's peaks with
-``fcn_jax.perf.hardware.calibrate_cpu`` (matmul fp32/bf16, vector, memory,
+``fcn_jax.perfmodel.hardware.calibrate_cpu`` (matmul fp32/bf16, vector, memory,
 FFT), (2) times the jit-compiled train step (relative L2 + Adam, state
 donated) and the forward pass on one device, (3) calibrates again, and prints
 the performance model's prediction from the better of the two calibrations next
@@ -51,7 +51,7 @@ def measure(cfg, batch: int, runs: int) -> dict:
     from flax import nnx
 
     from fcn_jax.model.afnonet import AFNONet
-    from fcn_jax.perf.hardware import timed_runs
+    from fcn_jax.perfmodel.hardware import timed_runs
     from fcn_jax.training.step import init_train_state, make_train_step
 
     tx = optax.adam(5e-4)
@@ -80,8 +80,8 @@ def best_calibration(a: dict, b: dict) -> dict:
 
 def predict_cpu(cfg, batch: int, calibration: dict) -> dict:
     from fcn_jax.parallel.mesh import MeshSizes
-    from fcn_jax.perf import model as pm
-    from fcn_jax.perf.hardware import cpu_hardware
+    from fcn_jax.perfmodel import model as pm
+    from fcn_jax.perfmodel.hardware import cpu_hardware
 
     hw = cpu_hardware(calibration)
     s = pm.Setting(cfg, MeshSizes(), batch, hw)
@@ -98,7 +98,7 @@ def spread(xs) -> float:
 
 def run(name: str, batch: int, runs: int) -> dict:
     from fcn_jax.config import ModelConfig
-    from fcn_jax.perf.hardware import calibrate_cpu
+    from fcn_jax.perfmodel.hardware import calibrate_cpu
 
     cfg = ModelConfig(**CONFIGS[name])
     load0 = os.getloadavg()[0]

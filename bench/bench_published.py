@@ -216,15 +216,15 @@ def gpu_forward_memory(batch: int, layout: str) -> float:
     """The perf model's forward working set on one H100 at ``batch`` samples (bytes)."""
     from fcn_jax.config import load_experiment
     from fcn_jax.parallel.mesh import MeshSizes
-    from fcn_jax.perf import model as pm
-    from fcn_jax.perf.hardware import get_hardware
+    from fcn_jax.perfmodel import model as pm
+    from fcn_jax.perfmodel.hardware import get_hardware
 
     cfg = load_experiment("afno_backbone").model
     return pm.forward_memory_per_device(pm.Setting(cfg, MeshSizes(1, 1, 1, 1), batch, get_hardware("h100"), layout))
 
 
 def gpu_max_chunk(layout: str) -> int:
-    from fcn_jax.perf.hardware import get_hardware
+    from fcn_jax.perfmodel.hardware import get_hardware
 
     hw = get_hardware("h100")
     limit = hw.mem_bytes * hw.usable_fraction

@@ -69,13 +69,13 @@ CASES = [
 
 
 def _timed(fn, runs: int) -> list[float]:
-    from fcn_jax.perf.hardware import timed_runs
+    from fcn_jax.perfmodel.hardware import timed_runs
 
     return timed_runs(fn, runs)  # one warm-up call (after compilation), then ``runs`` timed
 
 
 def _hardware(device):
-    from fcn_jax.perf.hardware import HARDWARE, cpu_hardware, detect_hardware
+    from fcn_jax.perfmodel.hardware import HARDWARE, cpu_hardware, detect_hardware
 
     key = detect_hardware(device)
     if key == "cpu":
@@ -88,7 +88,7 @@ def _hardware(device):
 def _prediction(cfg, kind: str, opts: dict, hw) -> tuple[float, float]:
     """(model flops, predicted seconds) of a case on one device."""
     from fcn_jax.parallel.mesh import MeshSizes
-    from fcn_jax.perf import model as pm
+    from fcn_jax.perfmodel import model as pm
 
     if kind == "train":
         s = pm.Setting(cfg, MeshSizes(), 1, hw)
@@ -176,7 +176,7 @@ def case_forecast(opts, smoke: bool, runs: int, members: int | None = None) -> d
     import jax
     import jax.numpy as jnp
 
-    from fcn_jax.forecast import ensemble_rollout, rollout
+    from fcn_jax.inference.rollout import ensemble_rollout, rollout
     from fcn_jax.model.afnonet import AFNONet
 
     cfg = _model_config({}, smoke)

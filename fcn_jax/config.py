@@ -14,7 +14,6 @@ ever executed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import math
@@ -26,6 +25,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from fcn_jax.errors import InputError
+
 #: Directory holding the shipped experiments.
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -36,7 +37,7 @@ FCN_CHANNELS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value or file is invalid. The message says where and why."""
 
 
@@ -129,24 +130,6 @@ class ModelConfig:
     def kept_modes(self) -> int:
         """Modes kept by the original's hidden truncation: int((H_tokens//2+1)*fraction)."""
         return int((self.token_grid[0] // 2 + 1) * self.hard_thresholding_fraction)
-
-
-def parse_mesh_arg(text: str) -> tuple[int, int, int, int]:
-    """``--mesh D,C,H,W`` of every command line: four integers (one may be -1, the rest of the devices).
-
-    Raises ``argparse.ArgumentTypeError`` (argparse prints it as a usage error);
-    whether the sizes fit the devices and the model is :func:`fcn_jax.parallel.mesh.resolve_shape`'s
-    and ``validate_layout``'s to say. Here, free of JAX, so a command line can
-    parse its flags before it decides the platform.
-    """
-    try:
-        sizes = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected four integers D,C,H,W (-1 = the rest)") from None
-    if len(sizes) != 4:
-        raise argparse.ArgumentTypeError(
-            f"--mesh {text!r}: expected four sizes D,C,H,W (data, channel, height, width), got {len(sizes)}")
-    return sizes  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

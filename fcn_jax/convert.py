@@ -3,7 +3,7 @@
 ``load_torch_checkpoint(path, config, kind)`` returns an NNX model holding the
 original weights, ready for ``model(x)`` with ``x: [batch, lat, lon, channel]``.
 ``python -m fcn_jax.convert CKPT --experiment NAME --stats DIR --out MODEL``
-writes them as a model package (:mod:`fcn_jax.checkpoint`) that training,
+writes them as a model package (:mod:`fcn_jax.checkpoints.package`) that training,
 forecasting and evaluation load: with ``--stats`` it carries the release's
 normalisation (``global_means.npy`` / ``global_stds.npy`` of shape
 (1, 21, 1, 1), the experiment's channels picked by the original's index list),
@@ -22,7 +22,6 @@ before anything is built (model spec §8-§10).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections import OrderedDict
@@ -32,14 +31,15 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from fcn_jax import torch_format
+from fcn_jax import cli, torch_format
 from fcn_jax.config import ModelConfig
+from fcn_jax.errors import InputError
 
 #: Keys the original loaders skip.
 IGNORED_KEYS = ("ged",)
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(InputError):
     """A checkpoint does not match the expected FourCastNet layout."""
 
 
@@ -259,7 +259,7 @@ def save_torch_checkpoint(model, path: str | Path, ddp_prefix: bool = True) -> N
 # --------------------------------------------------------------------------- #
 
 
-class StatsError(ValueError):
+class StatsError(InputError):
     """A statistics file does not fit the model (the message names the file and both shapes)."""
 
 
@@ -291,7 +291,7 @@ def stats_layout(n: int, channels) -> list:
 
 def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone", precip_eps: float = 1e-5,
                        time_means: str | Path | None = None):
-    """``(package, climatology)`` for :func:`fcn_jax.checkpoint.save_model` from the release's files.
+    """``(package, climatology)`` for :func:`fcn_jax.checkpoints.package.save_model` from the release's files.
 
     ``stats_dir`` holds ``global_means.npy`` and ``global_stds.npy`` of shape
     ``(1, N, 1, 1)`` and optionally ``time_means.npy`` ``(1, N, H, W)`` (N = 21
@@ -301,10 +301,10 @@ def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone",
     ``(1, 1, H, W)`` in metres. The model grid is the first ``img_size[0]`` rows
     of the statistics' pole-to-pole grid (721 rows -> the original's 720).
     """
-    from fcn_jax import checkpoint
+    from fcn_jax.checkpoints import package as checkpoint
+    from fcn_jax.checkpoints.integrity import file_crc32c
     from fcn_jax.data.channels import channel_names
     from fcn_jax.data.readers.grid import original_grid
-    from fcn_jax.integrity import file_crc32c
 
     d = Path(stats_dir)
     channels = channel_names(channels)
@@ -367,17 +367,11 @@ def read_release_stats(stats_dir, channels, img_size, *, kind: str = "backbone",
 
 
 def main(argv=None) -> int:
-    from fcn_jax import checkpoint
-    from fcn_jax.config import ConfigError, load_experiment
-    from fcn_jax.data.errors import DataError
-
-    ap = argparse.ArgumentParser(
-        prog="python -m fcn_jax.convert",
-        description="Convert an original FourCastNet PyTorch checkpoint (backbone.ckpt / precip.ckpt) "
-        "into an fcn_jax model package (Orbax weights + channels, statistics, grid, climatology).",
-    )
+    ap = cli.parser("convert", "Convert an original FourCastNet PyTorch checkpoint (backbone.ckpt / precip.ckpt) "
+                               "into an fcn_jax model package (Orbax weights + channels, statistics, grid, "
+                               "climatology).")
     ap.add_argument("ckpt", help="path to the .ckpt/.tar written by the original code")
-    ap.add_argument("--experiment", required=True, help="experiment name or YAML path giving the model config")
+    cli.add_experiment(ap, positional=False, help="experiment name or YAML path giving the model config")
     ap.add_argument("--out", required=True, help="output directory (must not exist)")
     ap.add_argument("--kind", choices=["backbone", "precip"], default=None,
                     help="default: the experiment's model.kind")
@@ -386,36 +380,33 @@ def main(argv=None) -> int:
                          "time_means.npy (1, 21, 721, 1440); for precip.ckpt DIR/precip/time_means.npy")
     ap.add_argument("--time-means", default=None, metavar="NPY",
                     help="the climatology file, when not at its place under --stats")
-    ap.add_argument("--store", default=None,
-                    help="take statistics, grid and climatology from a prepared store instead of --stats")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_experiment(args.experiment, args.overrides)
-        kind = args.kind or cfg.model.kind
-        model_cfg = dataclasses.replace(cfg.model, kind=kind, out_channels=1 if kind == "precip" else cfg.model.out_channels)
-        if args.stats and args.store:
-            raise StatsError("give --stats (the release's files) or --store (a prepared store), not both")
-        package = clim = None
-        if args.stats:
-            package, clim = read_release_stats(args.stats, cfg.data.channels, model_cfg.img_size, kind=kind,
-                                               precip_eps=cfg.train.precip_eps, time_means=args.time_means)
-        elif args.store:
-            from fcn_jax.data.catalog import resolve_store
+    cli.add_store(ap, help="take statistics, grid and climatology from a prepared store (or 'world') instead of "
+                           "--stats")
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: _convert(args))
 
-            package, clim = checkpoint.package_from_store(resolve_store(args.store), cfg.data.channels, kind=kind,
-                                                          precip_eps=cfg.train.precip_eps, experiment=cfg.name)
-        if package is not None:
-            package["provenance"].update(source_checkpoint=str(Path(args.ckpt).resolve()), experiment=cfg.name)
-        model = load_torch_checkpoint(args.ckpt, model_cfg, kind)
-        checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name},
-                              package=package, climatology=clim)
-    except (ConfigError, CheckpointFormatError, StatsError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _convert(args) -> None:
+    from fcn_jax.checkpoints import package as checkpoint
+
+    cfg = cli.load_experiment(args)
+    kind = args.kind or cfg.model.kind
+    model_cfg = dataclasses.replace(cfg.model, kind=kind, out_channels=1 if kind == "precip" else cfg.model.out_channels)
+    if args.stats and args.store:
+        raise StatsError("give --stats (the release's files) or --store (a prepared store), not both")
+    package = clim = None
+    if args.stats:
+        package, clim = read_release_stats(args.stats, cfg.data.channels, model_cfg.img_size, kind=kind,
+                                           precip_eps=cfg.train.precip_eps, time_means=args.time_means)
+    elif args.store:
+        package, clim = checkpoint.package_from_store(cli.resolve_store(args.store, cfg), cfg.data.channels,
+                                                      kind=kind, precip_eps=cfg.train.precip_eps,
+                                                      experiment=cfg.name)
+    if package is not None:
+        package["provenance"].update(source_checkpoint=str(Path(args.ckpt).resolve()), experiment=cfg.name)
+    model = load_torch_checkpoint(args.ckpt, model_cfg, kind)
+    checkpoint.save_model(args.out, model, extra={"source": str(Path(args.ckpt).resolve()), "experiment": cfg.name},
+                          package=package, climatology=clim)
     from fcn_jax.model.afnonet import count_params
 
     print(f"wrote {args.out}: {kind}, {count_params(model):,} parameters"
@@ -424,7 +415,6 @@ def main(argv=None) -> int:
     if package is None:
         print("note: no --stats or --store: the model carries no normalisation statistics; forecast and evaluate "
               "will need a store's (give the release's stats with --stats DIR)", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

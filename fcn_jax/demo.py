@@ -20,36 +20,38 @@ instantly.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
+from fcn_jax import cli
+
 MAIN_CHANNELS = ("z500", "t850", "u850", "t2m", "sp", "u250")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcn_jax.demo", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("demo", __doc__)
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override world train.steps")
     ap.add_argument("--finetune-steps", type=int, default=None, help="override world_finetune train.steps")
     ap.add_argument("--members", type=int, default=8, help="ensemble size of stage 5")
     ap.add_argument("--ensemble-ics", type=int, default=4, help="initial conditions of the ensemble")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="extra --set for both training stages")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from fcn_jax.cpu_runtime import tune_cpu_process
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="extra --set for both training stages (data.world_seed=N: another world)")
+    cli.add_runtime(ap, multihost=False)
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: _demo(args))
 
-    tune_cpu_process()  # before the backend starts (see fcn_jax.cpu_runtime)
 
+def _demo(args) -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a laptop's demo: the CPU, unless the user chose
+    cli.start(args)
     import jax
 
     from fcn_jax import evaluate, track
     from fcn_jax.config import load_experiment
     from fcn_jax.data.store import open_store
-    from fcn_jax.data.world import world_store
     from fcn_jax.forecast import run_forecast
     from fcn_jax.training.loop import train
 
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     print("== 1/5 the embedded world (generated once, then cached)")
     t0 = time.perf_counter()
-    store = world_store(progress=True)
+    store = cli.resolve_store("world", load_experiment("world", args.overrides))
     print(f"   store {store}  ({time.perf_counter() - t0:.1f} s)")
 
     common = [f"data.store={store}", *args.overrides]
@@ -118,7 +120,6 @@ def main(argv=None) -> int:
     print(f"   map: {paths[-1]}")
     print(f"\nplots and scores in {workdir / 'scores'}, {workdir / 'scores_ensemble'}, {workdir / 'track'}; "
           f"total {time.perf_counter() - t_start:.0f} s on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-    return 0
 
 
 def _beats_persistence(scores, channels, leads_h) -> str:

@@ -8,51 +8,23 @@ Order of precedence:
    coordinator, process count and id from SLURM's variables by itself;
 4. otherwise a single process, nothing to initialise.
 
-Call before any other JAX operation. Each process then reads only its share of
+Command lines reach it through :func:`fcn_jax.cli.start`, which sets the
+platform and CPU tuning first. Call before any other JAX operation. Each process then reads only its share of
 the data (see :mod:`fcn_jax.data.pipeline`); only process 0 writes logs.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+
+from fcn_jax.errors import InputError
 
 
-def add_arguments(ap) -> None:
-    """The multi-host flags every entry point shares (``train``, ``forecast``), as an argparse group."""
-    g = ap.add_argument_group("multi-host (jax.distributed; SLURM is detected without flags)")
-    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
-    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
-    g.add_argument("--cpu-devices", type=int, default=0,
-                   help="emulate N CPU devices per process (testing a mesh without accelerators)")
-
-
-def start_from_args(args) -> bool:
-    """A command line's start-up from the flags of :func:`add_arguments`, in the order it needs.
-
-    1. ``--cpu-devices``: the CPU platform (``JAX_PLATFORMS=cpu`` unless the user set one; also the
-       jax option, since jax reads the variable when it is imported);
-    2. :func:`fcn_jax.cpu_runtime.tune_cpu_process` -- before the backend starts, CPU only;
-    3. :func:`initialize` (``jax.distributed`` when this is a multi-process run; returns whether it is).
-    """
-    if args.cpu_devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        if "jax" in sys.modules:
-            sys.modules["jax"].config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
-    from fcn_jax.cpu_runtime import tune_cpu_process
-
-    tune_cpu_process()
-    return initialize(args.coordinator, args.num_processes, args.process_id, cpu_devices=args.cpu_devices)
-
-
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               cpu_devices: int = 0) -> bool:
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
     """Start ``jax.distributed`` when this is a multi-process run; returns whether it did."""
     import jax
 
-    if cpu_devices:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
     coordinator = coordinator or os.environ.get("FCN_COORDINATOR")
     if num_processes is None and os.environ.get("FCN_NUM_PROCESSES"):
         num_processes = int(os.environ["FCN_NUM_PROCESSES"])
@@ -60,7 +32,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         process_id = int(os.environ["FCN_PROCESS_ID"])
     if coordinator:
         if num_processes is None or process_id is None:
-            raise ValueError(
+            raise InputError(
                 "a coordinator address needs --num-processes and --process-id "
                 "(or FCN_NUM_PROCESSES / FCN_PROCESS_ID)"
             )

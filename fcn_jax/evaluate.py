@@ -4,7 +4,7 @@
         [--climatology SPEC ...] [--baselines persistence,climatology] [--convention fcn|wb2] \\
         [--member N] [--regrid]
 
-``FORECAST``: any file in the forecast layout of :mod:`fcn_jax.forecast_io`
+``FORECAST``: any file in the forecast layout of :mod:`fcn_jax.inference.files`
 (dims ``(init_time, lead_time, [member], lat, lon)``, one variable per
 channel, physical units), also one made elsewhere; ``valid_time`` is derived
 from ``init_time + lead_time`` when absent.
@@ -100,8 +100,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax import metrics
-from fcn_jax.forecast_io import ForecastError, atomic_write, channel_units, forecast_channels, read_forecast
+from fcn_jax import cli, metrics
+from fcn_jax.files import atomic_write
+from fcn_jax.inference.files import ForecastError, channel_units, forecast_channels, read_forecast
 
 __all__ = [
     "MAIN_CHANNELS",
@@ -405,7 +406,7 @@ def open_climatology(spec, chans, lat, lon, *, regrid: bool = False, model: str 
     if not remote and not p.exists():
         raise DataError(f"--climatology {s}: not found; expected {_CLIM_KINDS}")
     if not remote and p.is_dir() and _is_package(p):
-        from fcn_jax.checkpoint import CLIMATOLOGY_FILE, read_package
+        from fcn_jax.checkpoints.package import CLIMATOLOGY_FILE, read_package
 
         pkg = package or read_package(p)
         ds = pkg.climatology()
@@ -431,7 +432,7 @@ def open_climatology(spec, chans, lat, lon, *, regrid: bool = False, model: str 
 
 def _forecast_packages(fc, notes: list) -> dict:
     """The model packages named in the forecast's ``model`` / ``precip_model`` attributes that can be read."""
-    from fcn_jax.checkpoint import read_package
+    from fcn_jax.checkpoints.package import read_package
 
     out = {}
     for key in ("model", "precip_model"):
@@ -846,9 +847,9 @@ baseline, and plots; the scores' attributes say which climatology and normalisat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcn_jax.evaluate", description=__doc__.split("\n\n")[0],
-                                 epilog=_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("evaluate", __doc__, raw=False)
+    ap.epilog = _EPILOG
+    ap.formatter_class = argparse.RawDescriptionHelpFormatter
     ap.add_argument("forecast", help="forecast file (.nc or .zarr) in the forecast layout")
     ap.add_argument("--truth", required=True, metavar="SOURCE",
                     help="the verifying data: a prepared store, 'world', a NetCDF/zarr in fcn_jax's layout, the "
@@ -872,23 +873,26 @@ def main(argv=None) -> int:
                     help="interpolate a truth or climatology on another grid to the forecast's (bilinear) "
                          "instead of refusing it")
     ap.add_argument("--no-plots", action="store_true")
-    args = ap.parse_args(argv)
-    from fcn_jax.data.errors import DataError
+    cli.add_experiment(ap, positional=False,
+                       help="the experiment whose world --truth world means (its data.world_seed; default: the "
+                            "world experiment's)")
+    args = cli.parse(ap, argv)
 
-    baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",")]
-    try:
-        scores = evaluate_forecast(args.forecast, args.truth, args.out, baselines=baselines,
+    def body() -> None:
+        baselines = [] if args.baselines in ("", "none") else [b.strip() for b in args.baselines.split(",")]
+        truth = args.truth
+        if truth == "world":
+            truth = str(cli.resolve_store("world", cli.load_experiment(args, required=False)))
+        scores = evaluate_forecast(args.forecast, truth, args.out, baselines=baselines,
                                    convention=args.convention,
                                    channels=args.channels.split(",") if args.channels else None,
                                    climatology=args.climatology, member=args.member, regrid=args.regrid,
                                    plots=not args.no_plots, progress=True)
-    except (ForecastError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(scores))
-    print(f"climatology: {scores.attrs.get('climatology')}")
-    print(f"scores in {Path(args.out) / 'scores.nc'}")
-    return 0
+        print(format_table(scores))
+        print(f"climatology: {scores.attrs.get('climatology')}")
+        print(f"scores in {Path(args.out) / 'scores.nc'}")
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 ``MODEL_DIR``: a model package (``model_best``/``model_final``, a run directory
 holding them, or ``python -m fcn_jax.convert``'s output): it carries the
 channels, normalisation statistics, grid and time step
-(:mod:`fcn_jax.checkpoint`), so no training store is needed. ``SOURCE``: the
+(:mod:`fcn_jax.checkpoints.package`), so no training store is needed. ``SOURCE``: the
 analysis to start from -- the original's HDF5 year files, CDS netCDF (new,
 legacy, cfgrib-style), GRIB (ERA5, IFS, GFS), WeatherBench 2 / ARCO zarr (path
 or URL), a NetCDF/zarr in fcn_jax's layout, or a store
@@ -19,7 +19,7 @@ the output's ``grid`` attribute). ``TIMES``: a comma list of ISO times
 (``2003-01-01T00,2003-01-04T00``) or a range ``START/END/STRIDE``
 (``2003-01-01T00/2003-03-01T00/72h``, both ends included when on the stride).
 
-The file (:mod:`fcn_jax.forecast_io`): one variable per channel in physical
+The file (:mod:`fcn_jax.inference.files`): one variable per channel in physical
 units, dims ``(init_time, lead_time, [member], lat, lon)``, lead 0 = the IC,
 ``valid_time`` coordinate, CF attributes, and attributes saying which model,
 source, grid fitting and statistics made it. With ``--precip`` a ``tp``
@@ -27,7 +27,7 @@ variable in metres: PrecipNet on the backbone's output at every lead (the
 original's precipitation inference); lead 0 holds the source's ``tp`` when it
 has one.
 
-Rollouts are jitted ``lax.scan`` s (:mod:`fcn_jax.rollout`), compiled once per
+Rollouts are jitted ``lax.scan`` s (:mod:`fcn_jax.inference.rollout`), compiled once per
 chunk shape. Ensemble members are folded into the batch and sharded over the
 mesh's ``data`` axis, ``--member-chunk`` at a time, and each chunk is written to
 the file as soon as it is computed: memory stays bounded by one chunk whatever
@@ -41,27 +41,21 @@ the source); on any error no output file is left behind.
 
 from __future__ import annotations
 
-import argparse
-import math
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from fcn_jax import distributed
-from fcn_jax.config import parse_mesh_arg
-from fcn_jax.forecast_io import ForecastError, ForecastWriter
-from fcn_jax.rollout import ensemble_rollout, perturb, rollout  # noqa: F401  (the public rollout API)
+from fcn_jax import cli
+from fcn_jax.inference.files import ForecastError, ForecastWriter
+from fcn_jax.inference.forecaster import Forecaster, PrecipDiagnosis, round_up
 
 __all__ = [
     "ForecastError",
-    "rollout",
-    "ensemble_rollout",
-    "perturb",
     "parse_init_times",
     "resolve_model_dir",
     "model_channels",
@@ -105,8 +99,8 @@ def parse_init_times(spec: str) -> np.ndarray:
 
 
 def resolve_model_dir(path) -> Path:
-    """:func:`fcn_jax.checkpoint.resolve_model_dir`, its error as a :class:`ForecastError` (exit status 2)."""
-    from fcn_jax.checkpoint import resolve_model_dir as resolve
+    """:func:`fcn_jax.checkpoints.package.resolve_model_dir`, its error as a :class:`ForecastError` (exit status 2)."""
+    from fcn_jax.checkpoints.package import resolve_model_dir as resolve
 
     try:
         return resolve(path)
@@ -115,9 +109,9 @@ def resolve_model_dir(path) -> Path:
 
 
 def read_model_package(path, what: str = "MODEL_DIR"):
-    """:func:`fcn_jax.checkpoint.read_package`, verified; its errors as :class:`ForecastError`."""
-    from fcn_jax.checkpoint import read_package
-    from fcn_jax.integrity import IntegrityError
+    """:func:`fcn_jax.checkpoints.package.read_package`, verified; its errors as :class:`ForecastError`."""
+    from fcn_jax.checkpoints.integrity import IntegrityError
+    from fcn_jax.checkpoints.package import read_package
 
     try:
         return read_package(resolve_model_dir(path))
@@ -129,7 +123,7 @@ def model_channels(model, override: Sequence[str] | None = None) -> list[str]:
     """The input channels of a model (a directory or its read package), in order: ``override``, else the package's."""
     if override:
         return list(override)
-    from fcn_jax.checkpoint import ModelPackage
+    from fcn_jax.checkpoints.package import ModelPackage
 
     pkg = model if isinstance(model, ModelPackage) else read_model_package(model)
     if pkg.channels:
@@ -141,14 +135,6 @@ def model_channels(model, override: Sequence[str] | None = None) -> list[str]:
 # --------------------------------------------------------------------------- #
 # The forecast
 # --------------------------------------------------------------------------- #
-
-
-def _to_host(x) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _warn_if_store_stats_differ(pkg, store) -> None:
@@ -212,15 +198,10 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     inverse ``eps * expm1(y)`` is exponential, and a few over-confident outputs
     would otherwise dominate an RMSE in metres.
     """
-    from flax import nnx
-    from jax.sharding import NamedSharding
-
-    from fcn_jax import checkpoint as model_ckpt
+    from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.data.errors import DataError
     from fcn_jax.normalize import Normalizer
-    from fcn_jax.parallel.axes import IMAGE_SPEC
     from fcn_jax.parallel.mesh import make_mesh
-    from fcn_jax.rollout import ensemble_chunk, ensemble_continue
 
     t0 = time.perf_counter()
     if steps < 1:
@@ -279,7 +260,6 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
             raise ForecastError(f"--precip {precip_dir}: takes channels {list(ppkg.channels)}, the backbone gives "
                                 f"{list(chans)}")
     mesh = make_mesh(tuple(mesh_shape) if mesh_shape else (-1, 1, 1, 1))
-    n_data = int(mesh.shape["data"])
     step_hours = pkg.time_step_hours
     if "time_step_hours" not in pkg.meta and analysis.store is not None:
         from fcn_jax.data.store import StoreInfo
@@ -287,35 +267,29 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
         step_hours = StoreInfo.read(analysis.store).time_step_hours
     lat, lon = analysis.lat, analysis.lon
     out_channels = chans + (["tp"] if pcfg is not None else [])
-    # both verified by read_model_package above: not read twice more
-    model = model_ckpt.load_model(model_dir, mesh, verify=False)
-    pnet = model_ckpt.load_model(precip_dir, mesh, verify=False) if pcfg is not None else None
-    eps, y_max, bound_note = None, None, None
+
+    # load -> wrap: the backbone with its statistics, PrecipNet as a diagnosis on every state
+    # (both packages verified by read_model_package above: not read twice more)
+    precip, eps, bound_note = None, None, None
     if pcfg is not None:
         eps, y_max, bound_note = _precip_settings(ppkg, store, precip_bound_std)
+        precip = PrecipDiagnosis(model_ckpt.load_model(precip_dir, mesh, verify=False), eps, y_max)
+    forecaster = Forecaster(model_ckpt.load_model(model_dir, mesh, verify=False), norm, mesh, precip)
     tp_init = _tp_source(source, analysis, regrid, member) if pcfg is not None else None
-    sharding = NamedSharding(mesh, IMAGE_SPEC)
 
-    def read_ics(sel: np.ndarray) -> np.ndarray:  # [n, lat, lon, ch] physical
-        return analysis.read_index(idx[sel])
+    def tp_at_init(sel: np.ndarray) -> Callable[[], np.ndarray] | None:
+        """Lead 0's ``tp`` [n, lat, lon]: the analysis's, NaN where it has none (not PrecipNet's)."""
+        if precip is None:
+            return None
 
-    def tp_at_init(sel: np.ndarray) -> np.ndarray:  # [n, lat, lon]
-        if tp_init is not None:
-            try:
-                return tp_init.read(times[sel])[..., 0]
-            except DataError:  # the source has tp, but not at these times
-                pass
-        return np.full((len(sel), len(lat), len(lon)), np.nan, np.float32)
-
-    def with_precip(traj_n, sel, n_members=0, starts_at_ic=True):
-        """Physical ``[n, lead, (m), lat, lon, ch(+tp)]`` from a normalised trajectory."""
-        phys = norm.denormalize(_to_host(traj_n))
-        if pnet is None:
-            return phys
-        tp = _precip(pnet, traj_n, eps, y_max, sharding)  # [n, lead, (m), lat, lon]
-        if starts_at_ic:  # lead 0 is the analysis: its tp, not PrecipNet's
-            tp[:, 0] = tp_at_init(sel)[:, None] if n_members else tp_at_init(sel)
-        return np.concatenate([phys, tp[..., None]], axis=-1)
+        def read() -> np.ndarray:
+            if tp_init is not None:
+                try:
+                    return tp_init.read(times[sel])[..., 0]
+                except DataError:  # the source has tp, but not at these times
+                    pass
+            return np.full((len(sel), len(lat), len(lon)), np.nan, np.float32)
+        return read
 
     attrs = {"model": str(model_dir), "ic_source": str(analysis.where), "store": str(store) if store else None,
              "grid": analysis.grid_note, "normalization": stats_from,
@@ -324,46 +298,28 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
              "mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items()), "processes": jax.process_count(),
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
     tqdm = _tqdm(progress)
-    # multi-host: every process computes (and gathers) each chunk, process 0 alone writes the file
+    # chunk -> write. Multi-host: every process computes (and gathers) each chunk, process 0 alone writes.
     writer_cm = ForecastWriter(out, init_times=times, n_lead=steps + 1, step_hours=step_hours, lat=lat, lon=lon,
                                channels=out_channels, members=members or None, attrs=attrs,
                                var_attrs={"tp": {"units": "m"}}) if jax.process_index() == 0 else _NoWriter()
     with jax.set_mesh(mesh), writer_cm as writer:
         if not members:
-            bs = _round_up(batch_size or min(len(times), 8), n_data)
+            bs = round_up(batch_size or min(len(times), 8), forecaster.data_size)
             for i0 in tqdm(range(0, len(times), bs), desc="forecast"):
                 sel = np.arange(i0, min(i0 + bs, len(times)))
-                x = norm.normalize(read_ics(sel))
-                x = np.concatenate([x, np.repeat(x[-1:], bs - len(sel), axis=0)])  # pad to one compiled shape
-                state = jax.device_put(x, sharding)
-                # leads in segments, each written when computed: memory holds one segment, not the trajectory
-                for l0, n in _lead_segments(steps, lead_chunk):
-                    traj = rollout(model, state, n)  # [bs, n + 1, ...]: lead l0 .. l0 + n
-                    state = traj[:, -1]
-                    seg = traj[: len(sel)] if l0 == 0 else traj[: len(sel), 1:]
-                    writer.write(with_precip(seg, sel, starts_at_ic=l0 == 0), i0,
-                                 lead_start=0 if l0 == 0 else l0 + 1)
+                for lead0, fields in forecaster.deterministic(analysis.read_index(idx[sel]), steps,
+                                                              lead_chunk=lead_chunk, tp0=tp_at_init(sel)):
+                    writer.write(fields, i0, lead_start=lead0)
         else:
-            chunk = _round_up(min(member_chunk or 8, members), n_data)
-            split = nnx.split(model)
             key = jax.random.key(seed)
             for i in tqdm(range(len(times)), desc="ensemble"):
                 sel = np.asarray([i])
-                x = norm.normalize(read_ics(sel))
                 # the IC index is folded into the key: each IC's noise is its own
-                k_ic = jax.random.fold_in(key, i)
-                for m0 in range(0, members, chunk):
-                    ids = np.arange(m0, m0 + chunk)  # the last chunk computes spare members, dropped below
-                    keep = min(chunk, members - m0)
-                    for l0, n in _lead_segments(steps, lead_chunk):  # leads in segments, as above
-                        if l0 == 0:
-                            ens = ensemble_chunk(split, x, perturbation_std, k_ic, ids, n)
-                            seg = ens[:, :, :keep]
-                        else:
-                            ens = ensemble_continue(split, ens, n)
-                            seg = ens[:, 1:, :keep]
-                        writer.write(with_precip(seg, sel, keep, starts_at_ic=l0 == 0), i, member_start=m0,
-                                     lead_start=0 if l0 == 0 else l0 + 1)
+                for m0, lead0, fields in forecaster.ensemble(
+                        analysis.read_index(idx[sel]), steps, members=members, member_chunk=member_chunk or 8,
+                        perturbation_std=perturbation_std, key=jax.random.fold_in(key, i), lead_chunk=lead_chunk,
+                        tp0=tp_at_init(sel)):
+                    writer.write(fields, i, member_start=m0, lead_start=lead0)
     if progress:
         kind = f"{members}-member ensemble" if members else "deterministic"
         print(f"wrote {out}: {kind}, {len(times)} ICs x {steps + 1} leads, {len(out_channels)} channels "
@@ -405,32 +361,6 @@ def _tp_source(source, analysis, regrid, member):
         return None
 
 
-def _precip(pnet, traj_n, eps: float, y_max, sharding) -> np.ndarray:
-    """``tp`` in metres ``traj.shape[:-1]``: PrecipNet on every normalised state, un-logged (bounded at ``y_max``)."""
-    from flax import nnx
-
-    from fcn_jax.normalize import precip_to_metres
-
-    shape = traj_n.shape
-    flat = np.asarray(_to_host(traj_n)).reshape((-1,) + shape[-3:])  # [N, lat, lon, ch]
-    n, n_data = flat.shape[0], int(sharding.mesh.shape["data"])
-    pad = _round_up(n, n_data) - n  # the batch must divide over 'data'
-    flat = np.concatenate([flat, np.repeat(flat[-1:], pad, axis=0)]) if pad else flat
-    gd, st = nnx.split(pnet)
-    y = _precip_apply(gd, st, jax.device_put(flat, sharding))  # [N, lat, lon, 1] log1p(tp / eps)
-    y = _to_host(y)[:n, ..., 0]
-    return np.asarray(precip_to_metres(y, eps, y_max), np.float32).reshape(shape[:-1])
-
-
-def _precip_apply_impl(graphdef, state, x):
-    from flax import nnx
-
-    return nnx.merge(graphdef, state)(x)
-
-
-_precip_apply = jax.jit(_precip_apply_impl, static_argnums=0)
-
-
 class _NoWriter:
     """The writer of the processes other than 0 in a multi-host run."""
 
@@ -442,22 +372,6 @@ class _NoWriter:
 
     def __exit__(self, *exc):
         return False
-
-
-def _lead_segments(steps: int, lead_chunk: int | None) -> list[tuple[int, int]]:
-    """``(first step, steps)`` of equal segments of at most ``lead_chunk`` steps (None or 0: one segment).
-
-    Equal lengths (the last may be shorter only when ``steps`` does not divide) keep it to one or two compiles.
-    """
-    if not lead_chunk or lead_chunk >= steps:
-        return [(0, steps)]
-    n_seg = math.ceil(steps / lead_chunk)
-    size = math.ceil(steps / n_seg)
-    return [(l0, min(size, steps - l0)) for l0 in range(0, steps, size)]
-
-
-def _round_up(n: int, k: int) -> int:
-    return int(math.ceil(max(int(n), 1) / k) * k)
 
 
 def _tqdm(enabled: bool):
@@ -474,16 +388,17 @@ def _tqdm(enabled: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcn_jax.forecast", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("forecast", __doc__, raw=True)
     ap.add_argument("model_dir", help="exported model (model_best / model_final / converted) or its run dir")
     ap.add_argument("--ic-file", nargs="+", default=None, metavar="SOURCE",
                     help="the analysis to start from: original HDF5 year file(s), CDS netCDF, GRIB, WeatherBench 2 "
-                         "zarr (path or URL), a NetCDF/zarr in fcn_jax's layout, or a store; several files or a "
-                         "directory for variables split across files")
-    ap.add_argument("--store", default=None,
-                    help="prepared store (or 'world') giving the ICs when there is no --ic-file; also the "
-                         "statistics of a model written before packages carried them")
+                         "zarr (path or URL), a NetCDF/zarr in fcn_jax's layout, a store, or 'world'; several files "
+                         "or a directory for variables split across files")
+    cli.add_store(ap, help="prepared store (or 'world') giving the ICs when there is no --ic-file; also the "
+                           "statistics of a model written before packages carried them")
+    cli.add_experiment(ap, positional=False,
+                       help="the experiment whose world 'world' means (its data.world_seed; default: the model "
+                            "package's experiment, else the world experiment's)")
     ap.add_argument("--init", required=True, help="ISO times 'T1,T2' or a range 'START/END/STRIDE' (e.g. 72h)")
     ap.add_argument("--steps", type=int, required=True, help="model steps (lead = steps x 6 h)")
     ap.add_argument("--out", required=True, help="output .nc or .zarr")
@@ -498,45 +413,49 @@ def main(argv=None) -> int:
     ap.add_argument("--precip", default=None, help="precipitation model dir: adds tp (metres)")
     ap.add_argument("--precip-bound-std", type=float, default=10.0,
                     help="bound tp at the store's mean + K std of tp (default 10; 0 = unbounded)")
-    ap.add_argument("--mesh", type=parse_mesh_arg, default=None, help="D,C,H,W mesh (default: all devices on data)")
+    cli.add_mesh(ap, help="D,C,H,W mesh; one size may be -1 = the rest (default: all devices on data)")
     ap.add_argument("--regrid", action="store_true",
                     help="interpolate an IC source on another grid to the model's (bilinear); default: only the "
                          "model's grid or its first rows (721 -> 720) are accepted")
     ap.add_argument("--member", type=int, default=None, help="the member to start from in an ensemble IC file")
     ap.add_argument("--channels", default=None, help="comma list overriding the model's channel list")
-    distributed.add_arguments(ap)
-    args = ap.parse_args(argv)
-    # platform, CPU tuning, jax.distributed; every process then runs the same forecast on its share
-    # of the mesh and process 0 writes the file
-    distributed.start_from_args(args)
+    cli.add_runtime(ap)
+    args = cli.parse(ap, argv)
 
-    from fcn_jax.config import ConfigError
-    from fcn_jax.data.errors import DataError
-    from fcn_jax.parallel.mesh import MeshError
-
-    try:
-        store = args.store
-        if store == "world":
-            from fcn_jax.data.catalog import resolve_store
-
-            store = resolve_store("world")
+    def body() -> None:
+        # platform, CPU tuning, jax.distributed; every process then runs the same forecast on its share
+        # of the mesh and process 0 writes the file
+        cli.start(args)
         ic = args.ic_file
         if ic is not None:
             ic = ic[0] if len(ic) == 1 else ic
-            if ic == "world":
-                from fcn_jax.data.catalog import resolve_store
-
-                ic = str(resolve_store("world"))
+        store = args.store
+        if "world" in (store, ic):
+            world = cli.resolve_store("world", _world_experiment(args))
+            store = world if store == "world" else store
+            ic = str(world) if ic == "world" else ic
         run_forecast(args.model_dir, store=store, init_times=args.init, steps=args.steps, out=args.out,
                      members=args.members, perturbation_std=args.perturbation_std, seed=args.seed,
                      precip_dir=args.precip, mesh_shape=args.mesh, ic_file=ic, regrid=args.regrid, member=args.member,
                      batch_size=args.batch_size, member_chunk=args.member_chunk, lead_chunk=args.lead_chunk,
                      channels=args.channels.split(",") if args.channels else None,
-                     precip_bound_std=args.precip_bound_std, progress=distributed.is_primary())
-    except (ForecastError, DataError, ConfigError, MeshError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+                     precip_bound_std=args.precip_bound_std, progress=cli.is_primary())
+
+    return cli.run(body)
+
+
+def _world_experiment(args):
+    """The experiment whose world ``world`` names: ``--experiment``, else the model package's, else none."""
+    cfg = cli.load_experiment(args, required=False)
+    if cfg is not None:
+        return cfg
+    from fcn_jax.config import ConfigError, load_experiment
+
+    name = (read_model_package(args.model_dir).meta.get("provenance") or {}).get("experiment")
+    try:
+        return load_experiment(name) if name else None
+    except ConfigError:  # a package from elsewhere names an experiment this checkout does not have
+        return None
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ class Normalizer:
     """Per-channel statistics ``mean``/``std`` ``[channel]`` (float32) and the two maps.
 
     ``normalize``/``denormalize`` broadcast over the last (channel) axis of
-    NumPy or jax arrays. :meth:`from_store` reads a prepared store's
-    statistics in the order of ``channels``; :meth:`select` reorders/subsets.
+    NumPy or jax arrays. A prepared store's statistics come as one from
+    :meth:`fcn_jax.data.store.StoreInfo.normalizer`, a model package's from
+    :meth:`fcn_jax.checkpoints.package.ModelPackage.normalizer`.
     """
 
     mean: np.ndarray
@@ -57,16 +58,6 @@ class Normalizer:
             raise ValueError(f"std must be finite and > 0 for every channel, got {std}")
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
-
-    @classmethod
-    def from_store(cls, store, channels=None, info=None) -> "Normalizer":
-        """From a store path, or from its already-read :class:`~fcn_jax.data.store.StoreInfo` when given."""
-        if info is not None:
-            return cls(*info.stats(channels))
-        from fcn_jax.data.store import store_stats
-
-        mean, std = store_stats(store, channels)
-        return cls(mean, std)
 
     def normalize(self, x):
         return normalize(x, self.mean, self.std)

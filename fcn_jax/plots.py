@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fcn_jax.forecast_io import atomic_write
+from fcn_jax.files import atomic_write
 
 __all__ = ["plot_scores", "plot_spread_skill", "plot_rank_histogram", "plot_map_triplet", "plot_tracks"]
 

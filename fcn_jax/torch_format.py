@@ -50,10 +50,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from fcn_jax.errors import InputError
+
 __all__ = ["TorchFormatError", "ForbiddenGlobalError", "load", "save"]
 
 
-class TorchFormatError(ValueError):
+class TorchFormatError(InputError):
     """A file is not a readable ``torch.save`` file, or an object cannot be written as one."""
 
 

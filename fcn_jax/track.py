@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fcn_jax.forecast_io import ForecastError, atomic_write, forecast_channels, read_forecast
+from fcn_jax import cli
+from fcn_jax.files import atomic_write
+from fcn_jax.inference.files import ForecastError, forecast_channels, read_forecast
 
 __all__ = ["EARTH_RADIUS_KM", "great_circle_km", "find_minimum", "follow", "find_low", "track_forecast", "main"]
 
@@ -250,31 +252,31 @@ def _latlon(s: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcn_jax.track", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("track", __doc__)
     ap.add_argument("forecast", help="forecast file (.nc / .zarr) with msl or sp")
     ap.add_argument("--start", type=_latlon, required=True, help="LAT,LON of the low at the initial time (write --start=-40,300 for a negative latitude)")
     ap.add_argument("--radius-km", type=float, default=600.0, help="search radius per step (default 600 km)")
-    ap.add_argument("--truth", default=None, help="store for the truth track (default: the forecast's store)")
+    cli.add_store(ap, help="store (or 'world') for the truth track (default: the forecast's store)")
+    ap.add_argument("--truth", dest="store", default=None, help=argparse.SUPPRESS)  # the name before --store
     ap.add_argument("--init", default=None, help="init time to track (default: the first)")
     ap.add_argument("--variable", default=None, help="pressure variable (default msl, else sp)")
     ap.add_argument("--out", default=None, help="output directory (default: the forecast's directory)")
-    args = ap.parse_args(argv)
-    from fcn_jax.data.errors import DataError
+    cli.add_experiment(ap, positional=False,
+                       help="the experiment whose world --store world means (its data.world_seed)")
+    args = cli.parse(ap, argv)
 
-    try:
-        tracks = track_forecast(args.forecast, args.start, args.radius_km, truth=args.truth, init=args.init,
+    def body() -> None:
+        truth = cli.resolve_store(args.store, cli.load_experiment(args, required=False))
+        tracks = track_forecast(args.forecast, args.start, args.radius_km, truth=truth, init=args.init,
                                 variable=args.variable)
         out = Path(args.out) if args.out else Path(args.forecast).resolve().parent
         fc = read_forecast(args.forecast)
-        bg = _background(fc, tracks, args.truth)
+        bg = _background(fc, tracks, truth)
         paths = write_tracks(tracks, out, background=bg, lat=fc["lat"].values, lon=fc["lon"].values)
-    except (ForecastError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_track_errors(tracks))
-    print("wrote " + ", ".join(map(str, paths)))
-    return 0
+        print(format_track_errors(tracks))
+        print("wrote " + ", ".join(map(str, paths)))
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -434,17 +434,16 @@ def test_modelconfig_direct_construction():
 def test_mesh_flag_parser_shared_by_the_command_lines(capsys):
     import argparse
 
-    from fcn_jax.config import parse_mesh_arg
+    from fcn_jax.cli import parse_mesh as parse_mesh_arg
 
     assert parse_mesh_arg("2,1,2,2") == (2, 1, 2, 2)
     assert parse_mesh_arg("-1,1,1,2") == (-1, 1, 1, 2)
     for bad, said in (("2,2", "four sizes .* got 2"), ("a,1,1,1", "four integers"), ("", "four integers")):
         with pytest.raises(argparse.ArgumentTypeError, match=said):
             parse_mesh_arg(bad)
-    # forecast, perf and parallel.check report it as a usage error (exit status 2) naming the flag
-    from fcn_jax import forecast
-    from fcn_jax.parallel import check
-    from fcn_jax.perf import __main__ as perf_cli
+    # forecast, perf and check report it as a usage error (exit status 2) naming the flag
+    from fcn_jax import check, forecast
+    from fcn_jax import perf as perf_cli
 
     for main, argv in ((forecast.main, ["m", "--store", "s", "--init", "2003-01-01", "--steps", "1", "--out", "o.nc"]),
                        (perf_cli.main, []), (check.main, ["--experiment", "world"])):

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_fcn as ref
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-import reference_fcn as ref
 from test_model import nhwc, rel_err, to_model_config
 
-from fcn_jax import checkpoint, torch_format
+from fcn_jax import torch_format
+from fcn_jax.checkpoints import package as checkpoint
 from fcn_jax.config import FCN_CHANNELS
 from fcn_jax.convert import (
     CheckpointFormatError,

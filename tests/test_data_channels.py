@@ -3,7 +3,13 @@
 import pytest
 
 from fcn_jax.data.channels import (
-    CHANNEL_SETS, FCN_20, FCN_26, FCN_HDF5_LAYOUT, WORLD, get_channel, resolve_channels,
+    CHANNEL_SETS,
+    FCN_20,
+    FCN_26,
+    FCN_HDF5_LAYOUT,
+    WORLD,
+    get_channel,
+    resolve_channels,
 )  # fmt: skip
 from fcn_jax.data.errors import DataError
 

@@ -8,7 +8,7 @@ import xarray as xr
 
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.store import prepare
+from fcn_jax.data.prepare import prepare
 
 LAT, LON = S.grid(5, 8)
 TIMES = S.six_hourly("2010-01-01T00", 12)

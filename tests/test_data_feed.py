@@ -7,7 +7,7 @@ import xarray as xr
 from fcn_jax.config import load_experiment
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.channels import WORLD
-from fcn_jax.data.store import prepare
+from fcn_jax.data.prepare import prepare
 
 
 def test_feed_opens_the_store_description_once(tmp_path, monkeypatch):

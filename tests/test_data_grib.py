@@ -24,13 +24,15 @@ import xarray as xr
 cfgrib = pytest.importorskip("cfgrib")
 eccodes = pytest.importorskip("eccodes")
 
+from helpers import write_grib  # noqa: E402
+
 from fcn_jax.data import synthetic as S  # noqa: E402
-from fcn_jax.data.__main__ import main as data_main  # noqa: E402
 from fcn_jax.data.channels import STANDARD_GRAVITY, resolve_channels  # noqa: E402
 from fcn_jax.data.errors import DataError  # noqa: E402
+from fcn_jax.data.prepare import prepare  # noqa: E402
 from fcn_jax.data.readers import detect_kind, open_source  # noqa: E402
-from fcn_jax.data.store import open_store, prepare  # noqa: E402
-from helpers import write_grib  # noqa: E402
+from fcn_jax.data.store import open_store
+from fcn_jax.prepare import main as data_main  # noqa: E402
 
 # cfgrib.open_datasets (the netCDF conversion below) merges with xarray's old default
 pytestmark = pytest.mark.filterwarnings("ignore:In a future version of xarray the default value for compat")
@@ -442,9 +444,9 @@ def test_threaded_reads_are_serialised_and_agree(era5, monkeypatch):
 def test_cli_member_option(tmp_path, capsys):
     path = _ensemble_file(tmp_path / "ens.grib2", [1, 2, 3])
     out = tmp_path / "s.zarr"
-    assert data_main(["prepare", path, "--out", str(out), "--channels", "z500", "--quiet"]) == 2
+    assert data_main([path, "--out", str(out), "--channels", "z500", "--quiet"]) == 2
     assert "'number' has 3 members" in capsys.readouterr().err and not out.exists()
-    assert data_main(["prepare", path, "--out", str(out), "--channels", "z500", "--member", "2",
+    assert data_main([path, "--out", str(out), "--channels", "z500", "--member", "2",
                       "--kind", "grib", "--quiet"]) == 0
     ds = open_store(out)
     assert ds.attrs["ensemble_member"] == 2 and ds.attrs["source_kind"] == "grib"

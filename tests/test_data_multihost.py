@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from fcn_jax.data import synthetic as S
-from fcn_jax.data.store import prepare
+from fcn_jax.data.prepare import prepare
 
 _WORKER = textwrap.dedent("""
     import json, os, sys

@@ -1,18 +1,23 @@
 """grain pipeline: windows, exact resume, global batch layout on an 8-device mesh."""
 
-import numpy as np
-import pytest
-
 import grain
 import jax
+import numpy as np
+import pytest
 from jax.sharding import AxisType
 
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.pipeline import (
-    WINDOW_SPEC, Normalizer, WindowSource, _LocalBlockReader, make_train_iterator, read_plan,
+    WINDOW_SPEC,
+    Normalizer,
+    WindowSource,
+    _LocalBlockReader,
+    make_train_iterator,
+    read_plan,
 )  # fmt: skip
-from fcn_jax.data.store import prepare, store_stats
+from fcn_jax.data.prepare import prepare
+from fcn_jax.data.store import store_stats
 from fcn_jax.parallel.axes import MESH_AXES
 
 CH = ["z500", "t850", "u10"]

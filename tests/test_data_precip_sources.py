@@ -5,7 +5,8 @@ import numpy as np
 
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.channels import FCN_20
-from fcn_jax.data.store import open_store, prepare
+from fcn_jax.data.prepare import prepare
+from fcn_jax.data.store import open_store
 
 LAT, LON = S.grid(5, 8)
 

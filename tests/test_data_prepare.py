@@ -16,7 +16,8 @@ from fcn_jax.data import synthetic as S
 from fcn_jax.data.climatology import DOY_HOUR_MIN_YEARS, linear_regrid, smooth_band
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.plan import PreparePlan
-from fcn_jax.data.store import open_store, prepare
+from fcn_jax.data.prepare import prepare
+from fcn_jax.data.store import open_store
 
 CH = ["t850", "u10"]
 LAT, LON = S.grid(4, 6, poles=False)

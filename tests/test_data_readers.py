@@ -11,8 +11,9 @@ import xarray as xr
 
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.channels import FCN_20
+from fcn_jax.data.prepare import prepare
 from fcn_jax.data.readers import open_source
-from fcn_jax.data.store import open_store, prepare
+from fcn_jax.data.store import open_store
 
 LAT, LON = S.grid(9, 16)  # with poles, 90 -> -90
 TIMES = S.six_hourly("2001-12-31T00", 8)  # crosses a year boundary

@@ -6,7 +6,8 @@ import xarray as xr
 
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.store import climatology_at, open_store, prepare
+from fcn_jax.data.prepare import prepare
+from fcn_jax.data.store import climatology_at, open_store
 
 CH = ["z500", "t850", "u10"]
 LAT, LON = S.grid(9, 16)

@@ -5,8 +5,9 @@ import pytest
 import xarray as xr
 
 from fcn_jax.data import synthetic as S
+from fcn_jax.data.prepare import prepare
 from fcn_jax.data.stats import day_of_year_and_hour
-from fcn_jax.data.store import climatology_at, open_store, parse_years, prepare, store_stats
+from fcn_jax.data.store import climatology_at, open_store, parse_years, store_stats
 
 CH = ["t850", "z500", "u10"]
 

@@ -7,11 +7,11 @@ import pytest
 import xarray as xr
 
 from fcn_jax.data import synthetic as S
-from fcn_jax.data.__main__ import main
-from fcn_jax.data.channels import WORLD, get_channel
-from fcn_jax.data.store import prepare
 from fcn_jax.data.catalog import world_store
+from fcn_jax.data.channels import WORLD, get_channel
+from fcn_jax.data.prepare import prepare
 from fcn_jax.data.world import DEFAULT_DAYS, WORLD_STORE_CHANNELS, WorldSpec, persistence_skill, world_splits
+from fcn_jax.prepare import main
 
 
 def test_splits():
@@ -21,28 +21,40 @@ def test_splits():
     assert world_splits(10) == {"train": [2000], "valid": [2000], "test": [2000]}
 
 
-@pytest.mark.parametrize("cmd", ["prepare", "world", "info"])
+@pytest.mark.parametrize("cmd", ["prepare", "world"])
 def test_cli_help(cmd, capsys):
+    import importlib
+
     with pytest.raises(SystemExit) as e:
-        main([cmd, "--help"])
+        importlib.import_module(f"fcn_jax.{cmd}").main(["--help"])
     assert e.value.code == 0
-    assert "usage: python -m fcn_jax.data " + cmd in capsys.readouterr().out
+    assert "usage: python -m fcn_jax." + cmd in capsys.readouterr().out
+
+
+def test_cli_info(tmp_path, capsys):
+    lat, lon = S.grid(4, 8)
+    files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 8), ["z500"], lat, lon)
+    assert main([*files, "--out", str(tmp_path / "s.zarr"), "--channels", "z500", "--quiet", "--no-doy-clim"]) == 0
+    capsys.readouterr()
+    assert main(["--info", str(tmp_path / "s.zarr")]) == 0
+    assert "z500" in capsys.readouterr().out
+    assert main(["--info", str(tmp_path / "none.zarr")]) == 2
 
 
 def test_cli_prepare_and_error_exit(tmp_path, capsys):
     lat, lon = S.grid(4, 8)
     files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 8), ["z500", "u10"], lat, lon)
-    assert main(["prepare", *files, "--out", str(tmp_path / "s.zarr"), "--channels", "u10,z500", "--quiet",
+    assert main([*files, "--out", str(tmp_path / "s.zarr"), "--channels", "u10,z500", "--quiet",
                  "--no-doy-clim"]) == 0
     assert list(xr.open_zarr(tmp_path / "s.zarr")["channel"].values) == ["u10", "z500"]
-    assert main(["prepare", *files, "--out", str(tmp_path / "t.zarr"), "--channels", "t850", "--quiet"]) == 2
+    assert main([*files, "--out", str(tmp_path / "t.zarr"), "--channels", "t850", "--quiet"]) == 2
     assert "error: channel t850" in capsys.readouterr().err
 
 
 def test_cli_dry_run_prints_the_plan(tmp_path, capsys):
     lat, lon = S.grid(4, 8)
     files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 8), ["z500"], lat, lon)
-    assert main(["prepare", *files, "--out", str(tmp_path / "s.zarr"), "--channels", "z500", "--dry-run",
+    assert main([*files, "--out", str(tmp_path / "s.zarr"), "--channels", "z500", "--dry-run",
                  "--climatology", "doy-hour"]) == 0
     out = capsys.readouterr().out
     assert "plan for" in out and "clim_doy_hour [366, 4, 1, 4, 8]" in out and "estimated time" in out

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from fcn_jax import integrity
-from fcn_jax.training.checkpointing import (CheckpointDamagedError, CheckpointSpaceError, RunCheckpoints,
-                                            abstract_like)
 from helpers import logged_losses, world_overrides
+
+from fcn_jax.checkpoints import integrity
+from fcn_jax.checkpoints.train_state import CheckpointDamagedError, CheckpointSpaceError, RunCheckpoints, abstract_like
 
 
 def _overrides(store, **train):
@@ -127,7 +126,8 @@ def test_no_intact_checkpoint_stops_and_moves_nothing(tmp_path):
 
 
 def test_verify_command_reports_damage_without_changing_anything(tmp_path, capsys):
-    from fcn_jax.checkpoint import main, save_model
+    from fcn_jax.checkpoint import main
+    from fcn_jax.checkpoints.package import save_model
     from fcn_jax.config import load_experiment
     from fcn_jax.model.afnonet import build_model
 
@@ -167,7 +167,7 @@ def test_seal_adds_manifests_only_where_missing(tmp_path, capsys):
 
 
 def test_exported_model_carries_and_verifies_integrity(tmp_path):
-    from fcn_jax.checkpoint import load_model, save_model
+    from fcn_jax.checkpoints.package import load_model, save_model
     from fcn_jax.config import load_experiment
     from fcn_jax.model.afnonet import build_model
 
@@ -182,7 +182,7 @@ def test_exported_model_carries_and_verifies_integrity(tmp_path):
 
 # ---------------------------------------------------------------- full disk
 def test_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
-    from fcn_jax.training import checkpointing
+    from fcn_jax.checkpoints import train_state as checkpointing
 
     ckdir = tmp_path / "checkpoints"
     ck = _two_steps(ckdir)
@@ -214,7 +214,7 @@ def _can_mount_tmpfs() -> bool:
 _ENOSPC_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax.numpy as jnp, numpy as np
-    from fcn_jax.training.checkpointing import CheckpointSpaceError, RunCheckpoints
+    from fcn_jax.checkpoints.train_state import CheckpointSpaceError, RunCheckpoints
     d = sys.argv[1]
     ck = RunCheckpoints(os.path.join(d, "checkpoints"), check_free_space=False)  # the real write must fail
     ck.save(1, {"a": jnp.arange(1000.0)}, {"i": 1}, {"m": 1}, force=True)
@@ -316,7 +316,8 @@ def test_second_process_on_a_live_run_directory_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def store():
     """The small world of tests/test_training.py (40 days), cached like the demo's world."""
-    from fcn_jax.data.world import WorldSpec, world_store
+    from fcn_jax.data.catalog import world_store
+    from fcn_jax.data.world import WorldSpec
 
     return str(world_store(spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
 
@@ -359,7 +360,7 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):  # steps 5, 6 re-run from step 4, 7, 8 new: all as if nothing happened
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=0), step
-    from fcn_jax.checkpoint import verify_path
+    from fcn_jax.checkpoints.package import verify_path
 
     ok, lines = verify_path(run)
     assert ok, lines
@@ -367,8 +368,8 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
 
 @pytest.mark.slow
 def test_full_disk_during_training_stops_and_next_start_resumes(store, tmp_path, monkeypatch):
+    from fcn_jax.checkpoints import train_state as checkpointing
     from fcn_jax.config import load_experiment
-    from fcn_jax.training import checkpointing
     from fcn_jax.training.loop import train
 
     cfg = load_experiment("world", _overrides(store, steps=6))

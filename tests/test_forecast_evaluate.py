@@ -9,20 +9,22 @@ import pytest
 import scoringrules as sr
 import xarray as xr
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from helpers import random_model
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fcn_jax import checkpoint as model_ckpt
 from fcn_jax import evaluate, forecast
+from fcn_jax.checkpoints import package as model_ckpt
 from fcn_jax.config import ModelConfig
 from fcn_jax.data import synthetic as S
-from fcn_jax.data.store import prepare
-from fcn_jax.forecast_io import ForecastError, ForecastWriter, forecast_to_dataset, read_forecast, write_forecast
+from fcn_jax.data.prepare import prepare
+from fcn_jax.data.store import StoreInfo
+from fcn_jax.inference.files import ForecastError, ForecastWriter, forecast_to_dataset, read_forecast, write_forecast
+from fcn_jax.inference.rollout import ensemble_chunk, ensemble_rollout, perturb, rollout
 from fcn_jax.model.afnonet import shard_model
 from fcn_jax.normalize import Normalizer
 from fcn_jax.parallel.mesh import make_mesh
-from fcn_jax.rollout import ensemble_chunk, ensemble_rollout, perturb, rollout
 from fcn_jax.training.losses import rollout as train_rollout
-from helpers import random_model
 
 CFG = ModelConfig(img_size=(16, 32), patch_size=(4, 4), in_channels=3, out_channels=3, embed_dim=16, depth=1,
                   num_blocks=2)
@@ -194,7 +196,7 @@ def test_forecast_cli_deterministic_and_ensemble(store, model_dir, model, tmp_pa
     assert rc == 0, capsys.readouterr().err
     ds = read_forecast(out)
     assert ds.sizes == {"init_time": 3, "lead_time": 4, "lat": 16, "lon": 32}
-    norm = Normalizer.from_store(path, CHANNELS)
+    norm = StoreInfo.read(path).normalizer(CHANNELS)
     x0 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].sel(channel=CHANNELS).isel(time=[0, 2, 4]).transpose(
         "time", "lat", "lon", "channel").values))
     ref = norm.denormalize(np.asarray(rollout(model, x0, 3)))
@@ -232,11 +234,11 @@ def test_forecast_cli_precipitation(store, model_dir, model, tmp_path, capsys):
     assert ds["tp"].attrs["units"] == "m"
     st = xr.open_zarr(path)
     np.testing.assert_allclose(ds["tp"].values[0, 0], st["fields"].sel(channel="tp").isel(time=2).values, rtol=1e-6)
-    norm = Normalizer.from_store(path, CHANNELS)
+    norm = StoreInfo.read(path).normalizer(CHANNELS)
     x = norm.normalize(np.asarray(st["fields"].sel(channel=CHANNELS).isel(time=[2]).transpose(
         "time", "lat", "lon", "channel").values))
     traj = rollout(model, x, 2)
-    m, s = Normalizer.from_store(path, ["tp"]).as_tuple()
+    m, s = StoreInfo.read(path).normalizer(["tp"]).as_tuple()
     y_max = np.log1p((m[0] + 10 * s[0]) / 1e-5)
     ref = np.stack([precip_to_metres(np.asarray(pnet(traj[:, k]))[..., 0], 1e-5, y_max) for k in (1, 2)], 1)
     np.testing.assert_allclose(ds["tp"].values[:, 1:], ref, rtol=1e-4, atol=1e-9)
@@ -307,7 +309,7 @@ def test_forecast_from_a_converted_original_checkpoint(store, model, tmp_path, c
                           "--channels", ",".join(CHANNELS), "--out", str(out)]) == 0
     ds = read_forecast(out)
     assert ds.sizes == {"init_time": 1, "lead_time": 3, "lat": 16, "lon": 32} and list(ds.data_vars) == CHANNELS
-    norm = Normalizer.from_store(path, CHANNELS)
+    norm = StoreInfo.read(path).normalizer(CHANNELS)
     x0 = norm.normalize(np.asarray(xr.open_zarr(path)["fields"].sel(channel=CHANNELS).isel(time=[0]).transpose(
         "time", "lat", "lon", "channel").values))
     ref = norm.denormalize(np.asarray(rollout(model, x0, 2)))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import scoringrules as sr
 import xarray as xr
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fcn_jax import metrics
 from fcn_jax.parallel.mesh import make_mesh

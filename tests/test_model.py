@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_fcn as ref
 from flax import nnx
 
-import reference_fcn as ref
 from fcn_jax.config import ModelConfig
 from fcn_jax.convert import checkpoint_layout, model_from_params, state_dict_to_params
 from fcn_jax.model.afnonet import AFNONet, PrecipNet, count_params

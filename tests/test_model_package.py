@@ -8,14 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import random_model, write_grib
 
-from fcn_jax import checkpoint, convert, forecast
+from fcn_jax import checkpoint as checkpoint_cli
+from fcn_jax import convert, forecast
+from fcn_jax.checkpoints import package as checkpoint
 from fcn_jax.config import ModelConfig
 from fcn_jax.data.channels import FCN_20, FCN_HDF5_LAYOUT
 from fcn_jax.data.errors import DataError
-from fcn_jax.forecast_io import read_forecast
-from fcn_jax.rollout import rollout
-from helpers import random_model, write_grib
+from fcn_jax.inference.files import read_forecast
+from fcn_jax.inference.rollout import rollout
 
 H, W = 16, 32  # the model grid: the first 16 rows of a 17-row pole-to-pole grid (as 720 of 721)
 CFG = ModelConfig(img_size=(H, W), patch_size=(4, 4), in_channels=20, out_channels=20, embed_dim=16, depth=1,
@@ -90,7 +92,7 @@ def test_convert_with_release_stats_makes_a_self_contained_package(release, conv
         "global_means.npy", "global_stds.npy", "time_means.npy"}
     assert prov["stats_channel_index"] == idx and pkg.time_step_hours == 6.0
     # integrity covers the climatology: damage is refused
-    assert checkpoint.main(["show", str(converted)]) == 0
+    assert checkpoint_cli.main(["show", str(converted)]) == 0
     shown = capsys.readouterr().out
     assert "z500 55000+-3300" in shown and "time_mean" in shown
 
@@ -307,7 +309,7 @@ def test_walkthrough_published_weights_from_a_grib_analysis(release, converted, 
 
 def test_forecast_in_lead_segments_equals_one_rollout(release, converted, tmp_path):
     """--lead-chunk rolls out and writes a few steps at a time (bounded memory): the same file as one rollout."""
-    from fcn_jax.forecast import _lead_segments
+    from fcn_jax.inference.forecaster import lead_segments as _lead_segments
 
     assert _lead_segments(5, 2) == [(0, 2), (2, 2), (4, 1)]
     assert _lead_segments(28, 8) == [(0, 7), (7, 7), (14, 7), (21, 7)]  # equal segments: one compile

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import max_rel as _max_rel
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -18,7 +19,6 @@ from fcn_jax.parallel.hlo import collective_counts, collective_shapes
 from fcn_jax.parallel.mesh import MeshError, MeshSizes, build_mesh, make_mesh, resolve_shape, validate_layout
 from fcn_jax.parallel.ops import layer_norm
 from fcn_jax.training.step import init_train_state, make_loss_fn, make_train_step
-from helpers import max_rel as _max_rel
 
 # Realistic structure at a small size: an 8x16 token grid, 8 AFNO blocks, a
 # truncating filter (fraction 1 keeps 5 of 9 longitude bins, as 46 of 91 in the

@@ -1,4 +1,4 @@
-"""The user-facing mesh self-test, `python -m fcn_jax.parallel.check`."""
+"""The user-facing mesh self-test, `python -m fcn_jax.check`."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fcn_jax.parallel import check
+from fcn_jax import check
 
 SMALL = ["--set", "model.img_size=[32,64]", "--set", "model.patch_size=[4,4]", "--set", "model.embed_dim=64",
          "--set", "model.depth=1", "--set", "model.mlp_ratio=2.0"]
@@ -51,7 +51,7 @@ def test_tolerance_failure_exits_1(capsys):
 
 def test_command_line_with_emulated_devices():
     proc = subprocess.run(
-        [sys.executable, "-m", "fcn_jax.parallel.check", "--experiment", "afno_backbone", "--mesh", "-1,1,2,2",
+        [sys.executable, "-m", "fcn_jax.check", "--experiment", "afno_backbone", "--mesh", "-1,1,2,2",
          "--cpu-devices", "8", *SMALL],
         capture_output=True, text=True, timeout=300,
     )

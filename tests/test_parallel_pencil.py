@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import max_rel as _max_rel
+from helpers import toy_loss_fn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,7 +37,6 @@ from fcn_jax.parallel.mesh import (
     use_spectral_layout,
     validate_layout,
 )
-from helpers import max_rel as _max_rel, toy_loss_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -223,7 +224,7 @@ SMALL8 = ["--set", "model.img_size=[32,64]", "--set", "model.patch_size=[4,4]", 
 def test_self_test_passes_pencil_meshes_on_16_devices():
     """Issue 12's meshes, through the user-facing self-test, in a 16-device child process."""
     meshes = ["1,2,2,4", "1,4,2,2", "1,1,2,8", "2,2,2,2"]
-    cmd = [sys.executable, "-m", "fcn_jax.parallel.check", "--experiment", "afno_backbone", "--cpu-devices", "16",
+    cmd = [sys.executable, "-m", "fcn_jax.check", "--experiment", "afno_backbone", "--cpu-devices", "16",
            "--json", *SMALL8]
     for m in meshes:
         cmd += ["--mesh", m]
@@ -240,7 +241,7 @@ def test_self_test_passes_pencil_meshes_on_16_devices():
         per_axis = 8 if r["spectral_layout"] == "pencil" else 4  # depth 1, fwd+bwd
         assert r["collectives"]["all-to-all"] == per_axis * ((h > 1) + (w > 1)), r
     # an impossible 16-device mesh is refused with the sizes that would work
-    bad = subprocess.run([sys.executable, "-m", "fcn_jax.parallel.check", "--experiment", "afno_backbone",
+    bad = subprocess.run([sys.executable, "-m", "fcn_jax.check", "--experiment", "afno_backbone",
                           "--cpu-devices", "16", "--json", *SMALL8, "--mesh", "1,16,1,1"],
                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert bad.returncode == 2
@@ -255,7 +256,8 @@ def test_training_resumes_from_channel_block_onto_pencil(tmp_path):
     the channel-block layout (blocks over channel x width x height) to the pencil's.
     """
     from fcn_jax.config import load_experiment
-    from fcn_jax.data.world import WorldSpec, world_store
+    from fcn_jax.data.catalog import world_store
+    from fcn_jax.data.world import WorldSpec
     from fcn_jax.training.loop import train
 
     store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))

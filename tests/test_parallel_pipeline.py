@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import max_rel as _max_rel
+from helpers import toy_loss_fn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,7 +37,6 @@ from fcn_jax.parallel.mesh import (
     validate_layout,
 )
 from fcn_jax.parallel.pipeline import stack_blocks, stack_model, unstack_model
-from helpers import max_rel as _max_rel, toy_loss_fn
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,7 +182,7 @@ SMALL = ["--set", "model.img_size=[32,64]", "--set", "model.patch_size=[4,4]", "
 def test_self_test_passes_pipelined_meshes_on_16_devices():
     """Issue 12's pipelined meshes through the self-test, in a 16-device child process."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    base = [sys.executable, "-m", "fcn_jax.parallel.check", "--experiment", "afno_backbone", "--cpu-devices", "16",
+    base = [sys.executable, "-m", "fcn_jax.check", "--experiment", "afno_backbone", "--cpu-devices", "16",
             "--json", *SMALL]
     cases = [("2,1,2,2", 2, 0), ("1,2,2,1", 4, 2)]  # (mesh, stages, microbatches)
     for mesh, stage, micro in cases:
@@ -231,7 +232,7 @@ def _pure(state):
 @pytest.mark.slow
 def test_checkpoints_restore_across_stage_counts(tmp_path):
     """Saved stacked on 2 stages -> per-block on a 4-axis mesh, and per-block -> stacked on other 2 stages."""
-    from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
+    from fcn_jax.checkpoints.train_state import RunCheckpoints, abstract_like
 
     devices = jax.devices()
     staged = make_mesh((1, 1, 2, 1), devices=devices[:4], stage=2)
@@ -276,7 +277,8 @@ def test_training_resumes_from_one_stage_onto_two(tmp_path):
     The checkpoint holds per-block global arrays; the pipelined run restores them
     into its stacked, stage-split parameters and Adam moments.
     """
-    from fcn_jax.data.world import WorldSpec, world_store
+    from fcn_jax.data.catalog import world_store
+    from fcn_jax.data.world import WorldSpec
     from fcn_jax.training.loop import train
 
     store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
@@ -302,7 +304,7 @@ def test_training_resumes_from_one_stage_onto_two(tmp_path):
     for step in range(1, 9):
         assert a[step] == pytest.approx(b[step], rel=2e-5), step
     # the exported model holds per-block weights, loadable on any mesh
-    from fcn_jax.checkpoint import load_model
+    from fcn_jax.checkpoints.package import load_model
 
     model = load_model(tmp_path / "a" / "model_final")
     assert len(model.blocks) == 2
@@ -311,9 +313,11 @@ def test_training_resumes_from_one_stage_onto_two(tmp_path):
 @pytest.mark.slow
 def test_two_processes_pipelined_match_one_unpipelined(tmp_path):
     """2 processes x 8 emulated devices on (2,1,2,2) x 2 stages: the losses of 8 devices without pipelining."""
-    from fcn_jax.data.world import WorldSpec, world_store
-    from fcn_jax.training.loop import train
     from multiproc import free_port
+
+    from fcn_jax.data.catalog import world_store
+    from fcn_jax.data.world import WorldSpec
+    from fcn_jax.training.loop import train
 
     store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
     ov = [f"{k}={v}" for k, v in {

@@ -9,8 +9,9 @@ import pytest
 
 from fcn_jax.config import ModelConfig, TrainConfig
 from fcn_jax.parallel.mesh import MeshSizes
-from fcn_jax.perf import compiler, model as pm
-from fcn_jax.perf.hardware import get_hardware
+from fcn_jax.perfmodel import compiler
+from fcn_jax.perfmodel import model as pm
+from fcn_jax.perfmodel.hardware import get_hardware
 from fcn_jax.training.optim import make_optimizer
 
 # small configurations that differ in patch, width, depth, channels and grid
@@ -76,7 +77,7 @@ def test_param_and_optimizer_bytes_exact_published_model():
 
 
 def test_cli_json_contract(capsys):
-    from fcn_jax.perf.__main__ import main
+    from fcn_jax.perf import main
 
     assert main(["--experiment", "world", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -101,8 +102,8 @@ def test_cli_json_contract(capsys):
 
 def test_layouts_refuse_meshes_they_cannot_run():
     from fcn_jax.parallel.mesh import MeshError
-    from fcn_jax.perf.layouts import LAYOUTS, spectral_bytes_per_transform
-    from fcn_jax.perf.predict import meshes_for
+    from fcn_jax.perfmodel.layouts import LAYOUTS, spectral_bytes_per_transform
+    from fcn_jax.perfmodel.predict import meshes_for
 
     cfg = ModelConfig()  # 8 AFNO blocks, 90x180 tokens
     with pytest.raises(MeshError, match="channel-block"):
@@ -117,7 +118,7 @@ def test_layouts_refuse_meshes_they_cannot_run():
 
 
 def test_cli_rejects_bad_mesh_and_hardware(capsys):
-    from fcn_jax.perf.__main__ import main
+    from fcn_jax.perf import main
 
     assert main(["--experiment", "afno_backbone", "--mesh", "1,1,4,2"]) == 2
     assert "height=4" in capsys.readouterr().err

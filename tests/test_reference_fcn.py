@@ -9,7 +9,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 import reference_fcn as R
 
 TINY = R.RefConfig(img_size=(32, 64), patch_size=(8, 8), in_chans=3, out_chans=2,

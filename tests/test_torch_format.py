@@ -88,8 +88,11 @@ def test_malicious_fixture_is_refused_and_never_runs(tmp_path, monkeypatch):
     # the payload is live: an unrestricted unpickler runs it
     with zipfile.ZipFile(FIXTURES / "evil_exec.ckpt") as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
-    unsafe = pickle.Unpickler(io.BytesIO(data))
-    unsafe.persistent_load = lambda pid: None
+    class Unsafe(pickle.Unpickler):  # a subclass: Python 3.13 made an instance's persistent_load read-only
+        def persistent_load(self, pid):
+            return None
+
+    unsafe = Unsafe(io.BytesIO(data))
     try:
         unsafe.load()
     except Exception:  # fails later (torch absent, or a None storage); the payload came first

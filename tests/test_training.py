@@ -11,11 +11,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import logged_losses, world_overrides
 
 from fcn_jax.config import load_experiment
-from fcn_jax.data.world import WorldSpec, world_store
+from fcn_jax.data.catalog import world_store
+from fcn_jax.data.world import WorldSpec
 from fcn_jax.training.loop import NonFiniteLossError, train
-from helpers import logged_losses, world_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     assert (pre / "config.yaml").is_file() and (pre / "model_best" / "model.json").is_file()
     assert load_experiment(pre / "config.yaml") == cfg  # the resolved config reloads as is
     # the exported model is a package: the store's statistics, grid and climatology travel with it
-    from fcn_jax.checkpoint import read_package
+    from fcn_jax.checkpoints.package import read_package
     from fcn_jax.data.store import StoreInfo
 
     pkg, info = read_package(pre / "model_best"), StoreInfo.read(store)
@@ -167,7 +168,7 @@ def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
-    from fcn_jax.training.checkpointing import RunCheckpoints
+    from fcn_jax.checkpoints.train_state import RunCheckpoints
 
     cfg = load_experiment("world", world_overrides(store, lr=1e12, checkpoint_every=1, log_every=1, steps=20,
                                               validate_every=100))

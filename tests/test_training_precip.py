@@ -19,8 +19,8 @@ import xarray as xr
 from fcn_jax.config import load_experiment
 from fcn_jax.data.channels import WORLD
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.world import (WORLD_STORE_CHANNELS, WorldSpec, accumulate_6h, large_scale_precip_rate,
-                                world_store)
+from fcn_jax.data.catalog import world_store
+from fcn_jax.data.world import WORLD_STORE_CHANNELS, WorldSpec, accumulate_6h, large_scale_precip_rate
 from fcn_jax.training.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backbone(store, tmp_path_factory):
     """A fresh (untrained) tiny world backbone saved as a model checkpoint: the frozen wind model."""
-    from fcn_jax import checkpoint as model_ckpt
+    from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
 
     cfg = load_experiment("world", _overrides(store, "unused"))
@@ -133,7 +133,7 @@ def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(store, backbone):
 
 def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone):
     """rollout_steps = k: tp at t+1 .. t+k; PrecipNet on the backbone's 1 .. k-step states, per-lead loss."""
-    from fcn_jax import checkpoint as model_ckpt
+    from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
     from fcn_jax.normalize import normalize, precip_to_log
     from fcn_jax.parallel.mesh import make_mesh
@@ -186,7 +186,7 @@ def test_multi_lead_precip_through_the_loop_validates_every_lead(store, backbone
 
 
 def test_store_without_tp_is_a_clear_error(store, backbone, tmp_path):
-    from fcn_jax.data.store import prepare
+    from fcn_jax.data.prepare import prepare
 
     nc = sorted(str(p) for p in (Path(store).parent / "netcdf").glob("*.nc"))
     dry = prepare(nc, tmp_path / "dry.zarr", channels=list(WORLD), doy_climatology=False, progress=False)
@@ -200,7 +200,7 @@ def test_store_without_tp_is_a_clear_error(store, backbone, tmp_path):
 def test_precip_loss_decreases_on_a_fixed_batch(store, backbone):
     import optax
 
-    from fcn_jax import checkpoint as model_ckpt
+    from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
     from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.data_feed import open_feed

@@ -19,8 +19,14 @@ from pathlib import Path
 
 from fcn_jax.data.prepare import prepare
 from fcn_jax.data.store import open_store
-from fcn_jax.data.world import (DEFAULT_DAYS, WORLD_STORE_CHANNELS, WorldSpec, default_cache_dir, generate_world,
-                                world_splits)
+from fcn_jax.data.world import (
+    DEFAULT_DAYS,
+    WORLD_STORE_CHANNELS,
+    WorldSpec,
+    default_cache_dir,
+    generate_world,
+    world_splits,
+)
 
 
 def world_store(root: str | os.PathLike | None = None, *, seed: int = 0, days: int = DEFAULT_DAYS,

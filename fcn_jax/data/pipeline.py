@@ -190,7 +190,7 @@ def _undecodable(src: WindowSource, time_indices, lat: slice, lon: slice, error:
                         return DataError(
                             f"{src.store}: variable 'fields' cannot be decoded at time {when} (time index {int(t)}), "
                             f"chunk {os.path.join(src.store, 'fields', key)}: {e}. The store was damaged after it "
-                            "was prepared; prepare it again from the sources (python -m fcn_jax.data prepare ...)")
+                            "was prepared; prepare it again from the sources (python -m fcn_jax.prepare ...)")
     return DataError(f"{src.store}: variable 'fields' could not be read at time indices {list(map(int, time_indices))} "
                      f"(lat {lat}, lon {lon}): {error}")
 
@@ -353,7 +353,7 @@ def make_train_iterator(store: str | os.PathLike, *, mesh: jax.sharding.Mesh, ba
     sharding = NamedSharding(mesh, WINDOW_SPEC)
     global_shape = (batch_size, k1, n_lat, n_lon, n_ch)
     plan = read_plan(sharding, global_shape)
-    normalizer = Normalizer.from_store(src.store, src.channels, info=src.info)
+    normalizer = src.info.normalizer(src.channels)
 
     ds = grain.MapDataset.range(len(src))
     if shuffle:

@@ -22,7 +22,7 @@ Attributes record provenance and every choice (``south_pole_dropped``,
 ``climatology`` records which climatology was built (``time-mean``,
 ``doy-hour`` or ``import``) and ``climatology_reason`` why; ``clim_doy_hour``
 exists only for the last two. :func:`fcn_jax.data.prepare.prepare` writes a
-store (``from fcn_jax.data.store import prepare`` still works);
+store;
 :func:`fcn_jax.data.catalog.resolve_store` turns a store name into a path.
 """
 
@@ -38,6 +38,7 @@ import xarray as xr
 from fcn_jax.data.channels import resolve_channels
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.stats import day_of_year_and_hour
+from fcn_jax.normalize import Normalizer
 
 STORE_VERSION = 1
 
@@ -76,7 +77,7 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
     """
     path = str(path)
     if not os.path.isdir(path):
-        raise DataError(f"{path}: store not found; create it with `python -m fcn_jax.data prepare`")
+        raise DataError(f"{path}: store not found; create it with `python -m fcn_jax.prepare`")
     try:
         ds = xr.open_zarr(path)
     except Exception as e:
@@ -152,6 +153,10 @@ class StoreInfo:
         idx = self.index_of(channels)
         return self.mean[idx].astype(np.float32), self.std[idx].astype(np.float32)
 
+    def normalizer(self, channels=None) -> Normalizer:
+        """The :class:`~fcn_jax.normalize.Normalizer` of ``channels`` (the store's global mean/std)."""
+        return Normalizer(*self.stats(channels))
+
     def time_mean(self, channels=None) -> np.ndarray | None:
         """Time mean [channel, lat, lon] float32 of ``channels``, or None when the store has none."""
         if "time_mean" not in self.variables:
@@ -162,15 +167,3 @@ class StoreInfo:
         return np.asarray(arr.get_orthogonal_selection((self.index_of(channels), slice(None), slice(None))),
                           np.float32)
 
-
-def __getattr__(name: str):
-    # ``from fcn_jax.data.store import prepare`` keeps working; prepare lives in its own module.
-    if name in ("prepare", "select_years"):
-        from fcn_jax.data import prepare as _prepare_mod
-
-        return getattr(_prepare_mod, name)
-    if name in ("resolve_store", "world_store"):
-        from fcn_jax.data import catalog
-
-        return getattr(catalog, name)
-    raise AttributeError(f"module 'fcn_jax.data.store' has no attribute {name!r}")

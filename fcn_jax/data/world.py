@@ -268,9 +268,19 @@ def _build(spec: WorldSpec):
     """dinosaur model pieces: (chunk function, initial state, output grid)."""
     import jax
     import jax.numpy as jnp
-    from dinosaur import (coordinate_systems, held_suarez, horizontal_interpolation, primitive_equations,
-                          primitive_equations_states, scales, sigma_coordinates, spherical_harmonic,
-                          time_integration, vertical_interpolation, xarray_utils)
+    from dinosaur import (
+        coordinate_systems,
+        held_suarez,
+        horizontal_interpolation,
+        primitive_equations,
+        primitive_equations_states,
+        scales,
+        sigma_coordinates,
+        spherical_harmonic,
+        time_integration,
+        vertical_interpolation,
+        xarray_utils,
+    )
 
     units = scales.units
     grid = spherical_harmonic.Grid.construct(spec.truncation, spec.gaussian_nodes)
@@ -480,11 +490,3 @@ def persistence_skill(store: str | os.PathLike, years=None, max_lead: int = 20,
     return {"lead_hours": np.arange(1, max_lead + 1) * step, "persistence": out,
             "channels": np.asarray(ds["channel"].values)}
 
-
-def __getattr__(name: str):
-    # ``world_store`` (generate + prepare + cache) moved to fcn_jax.data.catalog; old imports keep working.
-    if name == "world_store":
-        from fcn_jax.data.catalog import world_store
-
-        return world_store
-    raise AttributeError(f"module 'fcn_jax.data.world' has no attribute {name!r}")

@@ -31,7 +31,6 @@ from fcn_jax.model.activations import gelu_exact
 from fcn_jax.model.spectral import afno_filter
 from fcn_jax.parallel.axes import CHANNEL, IMAGE_SPEC, STAGE
 from fcn_jax.parallel.mesh import MeshSizes, current_mesh, model_sizes, single_device_mesh
-from fcn_jax.parallel.pipeline import is_stacked, pipeline_blocks
 from fcn_jax.parallel.ops import (
     gather_channels,
     halo_pad_lat_lon,
@@ -41,6 +40,7 @@ from fcn_jax.parallel.ops import (
     reduce_scatter_channels,
     vary,
 )
+from fcn_jax.parallel.pipeline import is_stacked, pipeline_blocks
 
 LN_EPS = 1e-6  # the original's LayerNorm epsilon (not PyTorch's 1e-5 default)
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from fcn_jax.errors import InputError
 from fcn_jax.parallel.axes import (
     CHANNEL,
     CHANNEL_BLOCK,
@@ -40,7 +41,7 @@ AUTO = "auto"
 LAYOUT_CHOICES: tuple[str, ...] = (AUTO, *SPECTRAL_LAYOUTS)
 
 
-class MeshError(ValueError):
+class MeshError(InputError):
     """A mesh that cannot run the model; the message lists valid choices."""
 
 

@@ -57,7 +57,7 @@ def _require_tp(store: str, channels: list[str], names: list[str]) -> None:
     raise DataError(
         f"{store}: precipitation training (train.mode: precip) needs the target channel 'tp' (total "
         f"precipitation, the 6 h accumulation ending at each time stamp, metres) in the store; it has {names}. "
-        f"Prepare the store again with it: python -m fcn_jax.data prepare SOURCES --out STORE "
+        f"Prepare the store again with it: python -m fcn_jax.prepare SOURCES --out STORE "
         f"--channels {','.join(channels)},tp (sources holding ERA5 total_precipitation as 6-hourly "
         "accumulations), or use data.store: world, whose store carries a tp proxy"
     )

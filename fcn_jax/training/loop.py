@@ -6,7 +6,7 @@ Everything a run produces lives in its work directory::
     WORKDIR/metrics.jsonl      one JSON object per logged step / validation
     WORKDIR/tb/                TensorBoard event files
     WORKDIR/checkpoints/       Orbax run checkpoints (state, data position, meta)
-    WORKDIR/model_best/        weights of the best validation step (fcn_jax.checkpoint format)
+    WORKDIR/model_best/        weights of the best validation step (fcn_jax.checkpoints.package format)
     WORKDIR/model_final/       weights at the end of the run
 
 A restarted run with the same work directory resumes exactly from the latest
@@ -17,7 +17,7 @@ validation and checkpointing.
 Faults (README "Reliability"): one live run per directory (``WORKDIR/.lock``,
 :mod:`fcn_jax.training.runlock`); damaged checkpoints are moved aside and the
 run resumes from the newest intact one; a full disk stops the run with
-:class:`~fcn_jax.training.checkpointing.CheckpointSpaceError`; an undecodable
+:class:`~fcn_jax.checkpoints.train_state.CheckpointSpaceError`; an undecodable
 store chunk stops it with a ``DataError`` naming variable, time and chunk; a
 NaN/Inf loss stops it with the step and the time stamps of that step's samples.
 In every case the checkpoints written before the fault are left as they were.
@@ -37,23 +37,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcn_jax import checkpoint as model_ckpt
-from fcn_jax.checkpoint import resolve_model_dir
+from fcn_jax.checkpoints import package as model_ckpt
+from fcn_jax.checkpoints.package import resolve_model_dir
+from fcn_jax.checkpoints.train_state import RunCheckpoints, abstract_like
 from fcn_jax.config import ExperimentConfig, dump_experiment
 from fcn_jax.data.errors import DataError
+from fcn_jax.errors import EXIT_NON_FINITE, FcnError
 from fcn_jax.model.afnonet import build_model, shard_model
 from fcn_jax.parallel.mesh import bubble_fraction, build_mesh, model_sizes, use_microbatches, use_spectral_layout
 from fcn_jax.parallel.pipeline import stack_model, unstack_model
 from fcn_jax.training import data_feed
-from fcn_jax.training.checkpointing import RunCheckpoints, abstract_like
 from fcn_jax.training.optim import make_optimizer
 from fcn_jax.training.runlock import RunLock
 from fcn_jax.training.step import TrainState, init_opt_state, make_train_step
 from fcn_jax.training.validation import Validator
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FcnError, RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is left intact."""
+
+    exit_code = EXIT_NON_FINITE
 
 
 class _Preempted:
@@ -334,7 +337,7 @@ def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: 
     """Write model_final (current weights) and model_best (best validation step) as model packages.
 
     Each carries the training store's statistics, grid and climatology
-    (:func:`fcn_jax.checkpoint.package_from_store`): a forecast needs no store.
+    (:func:`fcn_jax.checkpoints.package.package_from_store`): a forecast needs no store.
     """
     cfg = feed.cfg
     package, clim = model_ckpt.package_from_store(feed.store, cfg.data.channels, kind=mcfg.kind,

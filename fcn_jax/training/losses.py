@@ -13,7 +13,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from fcn_jax.rollout import rollout_states
+from fcn_jax.inference.rollout import rollout_states
 
 
 def relative_l2(pred, target):
@@ -33,7 +33,7 @@ def relative_l2(pred, target):
 def rollout(model, x0, k: int):
     """States x_{t+1} ... x_{t+k} of a k-step autoregressive rollout, [batch, k, lat, lon, channel].
 
-    The shared scan rollout of :mod:`fcn_jax.rollout` (same layout as forecasts).
+    The shared scan rollout of :mod:`fcn_jax.inference.rollout` (same layout as forecasts).
     """
     return rollout_states(model, x0, k)
 

@@ -27,10 +27,12 @@ import socket
 import warnings
 from pathlib import Path
 
+from fcn_jax.errors import FcnError
+
 LOCK_NAME = ".lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(FcnError, RuntimeError):
     """Another live process is training in this run directory."""
 
 

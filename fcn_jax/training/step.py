@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from fcn_jax.inference.rollout import rollout_states
 from fcn_jax.normalize import normalize, precip_to_log
-from fcn_jax.rollout import rollout_states
 from fcn_jax.training.losses import rollout_loss, step_losses
 
 

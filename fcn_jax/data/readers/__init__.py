@@ -16,8 +16,8 @@ from fcn_jax.data.channels import Channel, resolve_channels
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.readers.cds import open_cds
 from fcn_jax.data.readers.grib import GRIB_EXTENSIONS, is_grib_file, open_grib
-from fcn_jax.data.readers.source import CanonicalSource
 from fcn_jax.data.readers.hdf5 import open_fcn_hdf5
+from fcn_jax.data.readers.source import CanonicalSource
 from fcn_jax.data.readers.wb2 import open_wb2
 
 __all__ = ["CanonicalSource", "open_source", "open_cds", "open_wb2", "open_fcn_hdf5", "open_grib",

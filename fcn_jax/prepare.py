@@ -1,15 +1,25 @@
-"""Command line: ``python -m fcn_jax.data {prepare,world,info} ...`` (each with --help)."""
+"""``python -m fcn_jax.prepare SOURCES... --out STORE``: a training store from ERA5 (or any supported source).
+
+Reads CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, FourCastNet HDF5
+year files or GRIB, and writes a zarr store with ``fields[time, channel, lat,
+lon]``, per-channel statistics and climatologies (:mod:`fcn_jax.data.prepare`).
+Resumable: a run killed at any point continues from its last commit when
+started again with the same arguments. ``python -m fcn_jax.prepare --info
+STORE`` summarises a prepared store. The embedded world has its own command,
+:mod:`fcn_jax.world`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from fcn_jax import cli
+
 
 def _prepare(args: argparse.Namespace) -> None:
-    from fcn_jax.data.store import prepare
+    from fcn_jax.data.prepare import prepare
 
     layout = None
     if args.hdf5_layout:
@@ -27,37 +37,20 @@ def _prepare(args: argparse.Namespace) -> None:
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
 
 
-def _world(args: argparse.Namespace) -> None:
-    from fcn_jax.data.catalog import world_store
-    from fcn_jax.data.world import WorldSpec
-
-    spec = WorldSpec(seed=args.seed, days=args.days, spinup_days=args.spinup_days)
-    t0 = time.perf_counter()
-    path = world_store(args.out, spec=spec, prepare_store=not args.no_store, progress=not args.quiet)
-    meta_path = path.parent / "world.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    print(f"world ready at {path} ({time.perf_counter() - t0:.1f} s this call); splits {meta.get('splits')}")
-
-
 def _info(args: argparse.Namespace) -> None:
     from fcn_jax.data.store import open_store
 
-    ds = open_store(args.store)
+    ds = open_store(args.info)
     print(ds)
     print("mean:", dict(zip(ds["channel"].values.tolist(), ds["mean"].values.round(4).tolist())))
     print("std: ", dict(zip(ds["channel"].values.tolist(), ds["std"].values.round(4).tolist())))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from fcn_jax.data.channels import CHANNEL_SETS
-    from fcn_jax.data.errors import DataError
-    from fcn_jax.data.world import DEFAULT_DAYS
 
-    parser = argparse.ArgumentParser(prog="python -m fcn_jax.data", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prepare", help="prepare a training store from ERA5 sources",
-                       description="Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, FourCastNet "
+    p = cli.parser("prepare", __doc__)
+    p.description = ("Read CDS netCDF (new or legacy), WeatherBench 2 / ARCO zarr, FourCastNet "
                                    "HDF5 year files or GRIB (ERA5, IFS open data, GFS; --member N picks one "
                                    "member of an ensemble) and write a zarr training store with fields[time, "
                                    "channel, lat, lon], per-channel mean/std and climatologies. Prints a plan (sizes, "
@@ -65,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "killed at any point continues from its last commit when started again "
                                    "with the same arguments. Sources may be fsspec URLs (gs://, s3://, "
                                    "https://) of zarr stores.")
-    p.add_argument("sources", nargs="+", help="source files / zarr stores / directories (one format)")
-    p.add_argument("--out", required=True, help="store path to write (e.g. era5.zarr)")
+    p.add_argument("sources", nargs="*", help="source files / zarr stores / directories (one format)")
+    p.add_argument("--out", default=None, help="store path to write (e.g. era5.zarr)")
     p.add_argument("--channels", default="fcn20",
                    help=f"comma-separated channel names or a set name {sorted(CHANNEL_SETS)} (default fcn20)")
     p.add_argument("--years", default=None, help="years to keep, e.g. 1979-2015 or 2016,2017 (default all)")
@@ -94,32 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hdf5-layout", default=None,
                    help="HDF5 channel axis as comma-separated names, '-' for unused (default: FourCastNet's 21)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_prepare)
+    p.add_argument("--info", default=None, metavar="STORE", help="summarise a prepared store and stop")
+    return p
 
-    w = sub.add_parser("world", help="generate the embedded world (dinosaur Held-Suarez) and prepare it",
-                       description="Generate ERA5-shaped data offline with a primitive-equation model "
-                                   "(dinosaur, Held-Suarez forcing, T21, 32 x 64 grid), write CDS-style netCDF "
-                                   "and prepare a store. Cached: the same arguments return at once.")
-    w.add_argument("--out", default=None, help="directory (default ~/.cache/fcn_jax/world/<key>)")
-    w.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    w.add_argument("--days", type=int, default=DEFAULT_DAYS,
-                   help=f"simulated days after spin-up (default {DEFAULT_DAYS})")
-    w.add_argument("--spinup-days", type=int, default=200, help="days discarded first (default 200)")
-    w.add_argument("--no-store", action="store_true", help="only write the netCDF files")
-    w.add_argument("--quiet", action="store_true", help="no progress bars")
-    w.set_defaults(func=_world)
 
-    i = sub.add_parser("info", help="summarise a prepared store")
-    i.add_argument("store")
-    i.set_defaults(func=_info)
-
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = cli.parse(ap, argv)
+    if args.info is None and (not args.sources or args.out is None):
+        ap.error("give SOURCES... --out STORE (or --info STORE)")
+    return cli.run(lambda: (_info if args.info else _prepare)(args))
 
 
 if __name__ == "__main__":

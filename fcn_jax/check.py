@@ -1,4 +1,4 @@
-"""Self-test of a mesh layout: ``python -m fcn_jax.parallel.check``.
+"""Self-test of a mesh layout: ``python -m fcn_jax.check``.
 
 Runs an experiment's model on the requested ``(data, channel, height, width)``
 mesh and on a single device with the same weights and batch, and reports the
@@ -6,9 +6,9 @@ largest relative difference of the output and of the parameter gradients, plus
 the collectives in the compiled train step. Run it on a new cluster before a
 long job::
 
-    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8
-    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,4 --cpu-devices 16   # pencil (auto)
-    python -m fcn_jax.parallel.check --experiment world --mesh 1,2,2,2 --cpu-devices 8 \
+    python -m fcn_jax.check world --mesh 1,2,2,2 --cpu-devices 8
+    python -m fcn_jax.check world --mesh 1,2,2,4 --cpu-devices 16   # pencil (auto)
+    python -m fcn_jax.check world --mesh 1,2,2,2 --cpu-devices 8 \
         --set mesh.spectral_layout=pencil
 
 Layer pipelining: ``--set mesh.stage=S`` runs the model pipelined over ``S``
@@ -16,7 +16,7 @@ stages (``S*D*C*H*W`` devices) with ``train.microbatches`` microbatches per
 data shard, its blocks stacked and split over ``stage`` as training stores
 them; the report gives the GPipe bubble fraction ``(S-1)/(M+S-1)``::
 
-    python -m fcn_jax.parallel.check --experiment world --mesh 2,1,2,2 --cpu-devices 16 \
+    python -m fcn_jax.check world --mesh 2,1,2,2 --cpu-devices 16 \
         --set mesh.stage=2 --set model.depth=4 --batch 4
 
 The spectral layout is the experiment's ``mesh.spectral_layout`` (``auto`` picks
@@ -33,28 +33,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
-from fcn_jax.config import parse_mesh_arg
+from fcn_jax import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m fcn_jax.parallel.check",
-        description="Compare an experiment's model on a device mesh against one device: forward output, "
-        "parameter gradients, and the collectives of the compiled train step.",
-    )
-    ap.add_argument("--experiment", required=True, help="experiment name under experiments/ or a YAML path")
-    ap.add_argument("--mesh", required=True, type=parse_mesh_arg, action="append",
-                    help="D,C,H,W sizes; -1 = remaining devices (repeatable: each mesh is checked in turn)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override an experiment value (repeatable)")
-    ap.add_argument("--cpu-devices", type=int, default=0, help="emulate N CPU devices (CPU-only machines)")
+    ap = cli.parser("check", "Compare an experiment's model on a device mesh against one device: forward output, "
+                             "parameter gradients, and the collectives of the compiled train step.")
+    cli.add_experiment(ap)
+    cli.add_mesh(ap, repeatable=True, required=True,
+                 help="D,C,H,W sizes; one may be -1 = the remaining devices (repeatable: each mesh is checked in turn)")
     ap.add_argument("--batch", type=int, default=0, help="global batch (default: the data-axis size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=1e-5, help="largest acceptable relative error")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    cli.add_runtime(ap, multihost=False)
     return ap
 
 
@@ -172,58 +166,36 @@ def _run_check(cfg, mesh_shape, batch: int, seed: int) -> dict:
     }
 
 
-def _join_negative_mesh(argv: list[str]) -> list[str]:
-    """Let ``--mesh -1,1,2,2`` through argparse (which takes ``-1,...`` for an option)."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--mesh" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            out.append(f"--mesh={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_join_negative_mesh(argv))
-    if args.cpu_devices:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    args = cli.parse(build_parser(), argv)
 
-    if args.cpu_devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-        except RuntimeError as e:  # backends already started (e.g. called from tests)
-            if jax.device_count() != args.cpu_devices:
-                print(f"error: cannot emulate {args.cpu_devices} devices: {e}", file=sys.stderr)
-                return 2
-    # both sides at full float32 matmul precision, so the comparison measures layout, not precision
-    jax.config.update("jax_default_matmul_precision", "highest")
-
-    from fcn_jax.config import ConfigError, load_experiment
-    from fcn_jax.parallel.mesh import MeshError
-
-    try:
-        cfg = load_experiment(args.experiment, args.overrides)
-    except ConfigError as e:
+    def json_error(e: BaseException) -> None:
         if args.json:
             print(json.dumps({"error": str(e)}))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return max(_check_one(cfg, mesh, args, MeshError) for mesh in args.mesh)
+
+    def body() -> int:
+        cfg = cli.load_experiment(args)
+        cli.start(args)
+        import jax
+
+        # both sides at full float32 matmul precision, so the comparison measures layout, not precision
+        jax.config.update("jax_default_matmul_precision", "highest")
+        return max(_check_one(cfg, mesh, args) for mesh in args.mesh)
+
+    return cli.run(body, on_error=json_error)
 
 
-def _check_one(cfg, mesh, args, MeshError) -> int:
+def _check_one(cfg, mesh, args) -> int:
+    """One mesh's report; an invalid mesh is reported and counts as exit status 2 (the others still run)."""
+    from fcn_jax.parallel.mesh import MeshError
+
     try:
         report = run_check(cfg, mesh, batch=args.batch, seed=args.seed)
     except MeshError as e:
         if args.json:
             print(json.dumps({"mesh": list(mesh), "error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     report["tolerance"] = args.tolerance
     report["passed"] = bool(
         report["forward_max_rel_err"] <= args.tolerance and report["grad_max_rel_err"] <= args.tolerance

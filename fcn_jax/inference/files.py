@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+
+from fcn_jax.errors import InputError
+from fcn_jax.files import atomic_path, atomic_write
 
 __all__ = [
     "ForecastError",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class ForecastError(ValueError):
+class ForecastError(InputError):
     """A forecast file, its request or its truth is not usable (the message names the value at fault)."""
 
 
@@ -74,53 +75,6 @@ def channel_units(names: Sequence[str]) -> list[str]:
 def lead_times(n_lead: int, step_hours: float) -> np.ndarray:
     """``[n_lead]`` timedelta64[ns]: ``0, dt, 2 dt, ...``."""
     return (np.arange(n_lead) * np.timedelta64(int(round(step_hours * 3600)), "s")).astype("timedelta64[ns]")
-
-
-# --------------------------------------------------------------------------- #
-# Atomic writing
-# --------------------------------------------------------------------------- #
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, directory: bool = False):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success, remove it on error.
-
-    ``directory=True`` for outputs that are directories (zarr): the temporary
-    name does not exist yet when yielded; an existing target is replaced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        tmp.rmdir()
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if directory:
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            os.replace(tmp, path)
-        else:
-            # mkstemp makes 0600; use the usual 0644
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        raise
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Run ``write(tmp_path)`` then rename the temporary file onto ``path``; returns ``path``."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return Path(path)
 
 
 def _is_zarr(path) -> bool:
@@ -292,7 +246,7 @@ def forecast_to_dataset(forecast, *, init_times, lat, lon, channels: Sequence[st
                         step_hours: float = 6.0, attrs: Mapping | None = None):
     """A CF ``xarray.Dataset`` in the forecast-file layout from an in-memory forecast.
 
-    ``forecast``: :func:`fcn_jax.rollout.rollout` output ``[init, lead, lat,
+    ``forecast``: :func:`fcn_jax.inference.rollout.rollout` output ``[init, lead, lat,
     lon, channel]`` or an ensemble ``[init, lead, member, lat, lon, channel]``
     (told apart by rank). ``mean``/``std`` ``[channel]``: given, the fields are
     de-normalised; omit both for physical fields.

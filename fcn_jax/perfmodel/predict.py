@@ -7,9 +7,9 @@ import math
 
 from fcn_jax.config import ModelConfig
 from fcn_jax.parallel.mesh import MeshError, MeshSizes, validate_layout
-from fcn_jax.perf import model as pm
-from fcn_jax.perf.hardware import Hardware
-from fcn_jax.perf.layouts import LAYOUTS
+from fcn_jax.perfmodel import model as pm
+from fcn_jax.perfmodel.hardware import Hardware
+from fcn_jax.perfmodel.layouts import LAYOUTS
 
 FORECAST_STEPS_7DAY = 28  # 6-hourly
 ENSEMBLE_MEMBERS = 100

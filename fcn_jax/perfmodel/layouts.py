@@ -8,10 +8,10 @@ model (MLP, norms, embedding, head, optimiser) is layout independent.
 Both layouts of the model code are here: channel-block (parallelism spec §3.1)
 and pencil (§3.2). **Extension point:** another layout (or a pipeline ``stage``
 axis) is a new :class:`Layout` subclass registered in :data:`LAYOUTS`;
-:mod:`fcn_jax.perf.model` and the CLI pick it up by name (``--layout``).
+:mod:`fcn_jax.perfmodel.model` and the CLI pick it up by name (``--layout``).
 
 Byte convention (per device, per step, shapes per device) -- the one
-:func:`fcn_jax.perf.compiler.hlo_collective_bytes` reads from compiled HLO:
+:func:`fcn_jax.perfmodel.compiler.hlo_collective_bytes` reads from compiled HLO:
 all-to-all and all-gather ``(P-1)/P`` of the result, reduce-scatter
 ``(P-1)/P`` of the input, all-reduce ``2(P-1)/P`` (ring), collective-permute 1x.
 """

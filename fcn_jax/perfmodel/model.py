@@ -13,7 +13,7 @@ Speed of light, no overlap. Each op class is modelled on its own terms:
 * **elementwise** (LayerNorm, GELU, softshrink, Adam, loss): per-element flop
   constants of the compiled program (:data:`ELEMENTWISE`) and memory traffic
   in passes over the tensors, bandwidth bound;
-* **collectives**: bytes per device from the layout (:mod:`fcn_jax.perf.layouts`),
+* **collectives**: bytes per device from the layout (:mod:`fcn_jax.perfmodel.layouts`),
   alpha-beta per link type.
 
 Shapes are per device after partitioning; ``global`` numbers are the sum over
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from fcn_jax.config import ModelConfig
 from fcn_jax.parallel.mesh import MeshSizes
-from fcn_jax.perf.hardware import Hardware
-from fcn_jax.perf.layouts import LAYOUTS
+from fcn_jax.perfmodel.hardware import Hardware
+from fcn_jax.perfmodel.layouts import LAYOUTS
 
 #: Flops per element that XLA's HloCostAnalysis counts for the elementwise parts of
 #: the compiled step (jax 0.10.2, XLA:CPU; measured once on the isolated pieces with

@@ -7,7 +7,7 @@ validation loss, random state, the resolved config name; JSON). Saves are
 asynchronous; Orbax writes each step under a temporary name and commits it
 atomically, so an interrupted save is never listed as a checkpoint.
 
-Integrity: every step carries ``fcn_integrity.json`` (:mod:`fcn_jax.integrity`),
+Integrity: every step carries ``fcn_integrity.json`` (:mod:`fcn_jax.checkpoints.integrity`),
 the CRC32C and size of each of its files, written by Orbax's
 post-finalisation callback -- after all files of the step are complete, before
 the step directory is renamed to its final name -- so every committed step has
@@ -44,7 +44,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from fcn_jax import integrity
+from fcn_jax.checkpoints import integrity
+from fcn_jax.errors import EXIT_DAMAGED, EXIT_NO_SPACE, FcnError
 
 #: Orbax's temporary step-directory suffix (a step is saved as ``STEP`` + this, then renamed).
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -54,15 +55,19 @@ ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 _OVERHEAD = 1 << 20
 
 
-class CheckpointDamagedError(RuntimeError):
+class CheckpointDamagedError(FcnError, RuntimeError):
     """A checkpoint failed verification and no intact one could take its place."""
 
+    exit_code = EXIT_DAMAGED
 
-class CheckpointSpaceError(RuntimeError):
+
+class CheckpointSpaceError(FcnError, RuntimeError):
     """A checkpoint could not be saved for lack of disk space; earlier checkpoints are untouched.
 
     Attributes: ``step``, ``needed`` and ``free`` (bytes), ``directory``.
     """
+
+    exit_code = EXIT_NO_SPACE
 
     def __init__(self, message: str, *, step: int, needed: int, free: int, directory: Path):
         super().__init__(message)

@@ -3,7 +3,7 @@
 A directory that fcn_jax writes as a checkpoint (a run checkpoint step, an
 exported model) carries ``fcn_integrity.json``::
 
-    {"format": "fcn_jax.integrity/1",
+    {"format": "fcn_jax.checkpoints.integrity/1",
      "files": {"state/ocdbt.process_0/d/...": {"size": 1234, "crc32c": "89abcdef"}, ...}}
 
 listing every other file below the directory. It is written last, after every
@@ -33,14 +33,18 @@ from pathlib import Path
 
 import google_crc32c
 
+from fcn_jax.errors import EXIT_DAMAGED, FcnError
+
 #: File name of the manifest inside a checkpoint directory.
 MANIFEST = "fcn_integrity.json"
-FORMAT = "fcn_jax.integrity/1"
+FORMAT = "fcn_jax.checkpoints.integrity/1"
 _BLOCK = 4 << 20  # bytes read at a time
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(FcnError, RuntimeError):
     """A checkpoint directory failed verification; ``problems`` says how, file by file."""
+
+    exit_code = EXIT_DAMAGED
 
     def __init__(self, directory: str | Path, problems: list[str], what: str = "checkpoint"):
         self.directory = Path(directory)

@@ -8,7 +8,7 @@ memory and time per device), :mod:`.predict` (one prediction, mesh search),
 :mod:`.report` (the seed table and the time-to-solution figure).
 """
 
-from fcn_jax.perf.hardware import HARDWARE, Hardware, get_hardware
-from fcn_jax.perf.predict import cheapest_fitting, predict
+from fcn_jax.perfmodel.hardware import HARDWARE, Hardware, get_hardware
+from fcn_jax.perfmodel.predict import cheapest_fitting, predict
 
 __all__ = ["HARDWARE", "Hardware", "cheapest_fitting", "get_hardware", "predict"]

@@ -6,9 +6,9 @@ import dataclasses
 
 from fcn_jax.config import ModelConfig
 from fcn_jax.parallel.mesh import MeshSizes
-from fcn_jax.perf import model as pm
-from fcn_jax.perf.hardware import HARDWARE
-from fcn_jax.perf.predict import cheapest_fitting
+from fcn_jax.perfmodel import model as pm
+from fcn_jax.perfmodel.hardware import HARDWARE
+from fcn_jax.perfmodel.predict import cheapest_fitting
 
 GB = 1e9
 
@@ -79,10 +79,10 @@ def tts_rows(devices=(1, 8, 64), hw_name: str = "a100-80gb", steps: int = 126_60
     """Time to solution per configuration and device count: training run, 7-day forecast, 100-member ensemble.
 
     Training: ``steps`` x ``global_batch`` samples on the cheapest fitting mesh with
-    ``data <= global_batch``; forecasts: :func:`fcn_jax.perf.predict.predict` on that
+    ``data <= global_batch``; forecasts: :func:`fcn_jax.perfmodel.predict.predict` on that
     mesh (forecast on one data shard's model-parallel group, ensemble over all).
     """
-    from fcn_jax.perf.predict import predict
+    from fcn_jax.perfmodel.predict import predict
 
     hw = HARDWARE[hw_name]
     rows = []

@@ -51,7 +51,7 @@ def _group_size(rest: str, n_devices: int) -> int:
 
 
 def hlo_collective_bytes(hlo_text: str, n_devices: int) -> dict:
-    """Bytes moved per device by each collective kind (the convention of :mod:`fcn_jax.perf.layouts`)."""
+    """Bytes moved per device by each collective kind (the convention of :mod:`fcn_jax.perfmodel.layouts`)."""
     out = {op: 0.0 for op in OPS}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)

@@ -1,12 +1,11 @@
-"""``python -m fcn_jax.perf``: predicted FLOPs, memory, communication and time of an experiment."""
+"""``python -m fcn_jax.perf [EXPERIMENT]``: predicted FLOPs, memory, communication and time of an experiment."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from fcn_jax.config import parse_mesh_arg
+from fcn_jax import cli
 
 GB = 1e9
 
@@ -48,17 +47,13 @@ def _print_text(res: dict, head: str):
 
 
 def main(argv=None) -> int:
-    from fcn_jax.perf.hardware import HARDWARE
-    from fcn_jax.perf.layouts import LAYOUTS
+    from fcn_jax.perfmodel.hardware import HARDWARE
+    from fcn_jax.perfmodel.layouts import LAYOUTS
 
-    ap = argparse.ArgumentParser(
-        prog="python -m fcn_jax.perf",
-        description="Predicted FLOPs, memory, communication and time of an experiment's train step, forward pass "
-                    "and time to solution (speed of light, no overlap).")
-    ap.add_argument("--experiment", default="afno_backbone", help="experiment name or YAML path")
-    ap.add_argument("--mesh", type=parse_mesh_arg, metavar="D,C,H,W",
-                    help="mesh sizes; default: the experiment's, with -1 = one sample per data shard")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.remat=true")
+    ap = cli.parser("perf", "Predicted FLOPs, memory, communication and time of an experiment's train step, "
+                            "forward pass and time to solution (speed of light, no overlap).")
+    cli.add_experiment(ap, default="afno_backbone")
+    cli.add_mesh(ap, help="mesh sizes; default: the experiment's; -1 (data only) = one sample per data shard")
     ap.add_argument("--hardware", default="a100-80gb", choices=sorted(HARDWARE) + ["cpu"])
     ap.add_argument("--layout", choices=["auto", *sorted(LAYOUTS)],
                     help="spectral layout; default: the experiment's mesh.spectral_layout (auto = channel-block "
@@ -67,15 +62,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-table", action="store_true", help="the seed talk's memory table and its extension")
     ap.add_argument("--plot", metavar="PNG", help="write the time-to-solution figure")
     ap.add_argument("--calibrate", action="store_true", help="measure this CPU's peaks and cache them")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
+    return cli.run(lambda: _perf(args))
 
+
+def _perf(args) -> None:
     if args.calibrate:
-        from fcn_jax.perf.hardware import calibrate_cpu
+        from fcn_jax.perfmodel.hardware import calibrate_cpu
 
         print(json.dumps(calibrate_cpu(), indent=2))
-        return 0
+        return
     if args.seed_table or args.plot:
-        from fcn_jax.perf import report
+        from fcn_jax.perfmodel import report
 
         if args.seed_table:
             hw = args.hardware if args.hardware != "cpu" else "a100-80gb"
@@ -93,35 +91,24 @@ def main(argv=None) -> int:
         if args.plot:
             report.plot_time_to_solution(args.plot)
             print(f"wrote {args.plot}")
-        return 0
+        return
 
-    from fcn_jax.config import ConfigError, load_experiment
     from fcn_jax.parallel.mesh import MeshError, MeshSizes
-    from fcn_jax.perf.hardware import get_hardware
-    from fcn_jax.perf.predict import predict
+    from fcn_jax.perfmodel.hardware import get_hardware
+    from fcn_jax.perfmodel.predict import predict
 
-    try:
-        exp = load_experiment(args.experiment, args.set)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp = cli.load_experiment(args)
     batch = exp.train.batch_size
     shape = args.mesh or exp.mesh.shape
     if -1 in shape:
         if shape.index(-1) == 0:
             shape = (batch,) + tuple(shape[1:])
         else:
-            print(f"error: mesh {shape}: only data may be -1 here (it becomes the global batch {batch})", file=sys.stderr)
-            return 2
+            raise MeshError(f"--mesh {shape}: only data may be -1 here (it becomes the global batch {batch})")
     hw = get_hardware(args.hardware)
     counts = 2 if exp.train.schedule == "cosine" or exp.train.warmup_steps else 1
-    try:
-        res = predict(exp.model, MeshSizes(*shape), batch, hw, args.layout or exp.mesh.spectral_layout,
-                      rollout=exp.train.rollout_steps,
-                      train_steps=exp.train.steps, optimizer_counts=counts)
-    except MeshError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = predict(exp.model, MeshSizes(*shape), batch, hw, args.layout or exp.mesh.spectral_layout,
+                  rollout=exp.train.rollout_steps, train_steps=exp.train.steps, optimizer_counts=counts)
     res["experiment"] = exp.name
     res["mesh"] = list(shape)
     res["global_batch"] = batch
@@ -129,10 +116,9 @@ def main(argv=None) -> int:
     res["layout"] = res["spectral_layout"]
     if args.json:
         print(json.dumps(res, indent=2, default=float))
-        return 0
+        return
     _print_text(res, f"{exp.name}: mesh (data, channel, height, width) = {tuple(shape)}, global batch {batch}, "
                      f"{exp.model.compute_dtype}{', remat' if exp.model.remat else ''}, {hw.name}, {res['layout']} layout")
-    return 0
 
 
 if __name__ == "__main__":
