@@ -42,17 +42,13 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-import numpy as np  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import AxisType
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fcn_jax import cli  # noqa: E402
 from fcn_jax.data import synthetic as S  # noqa: E402
 from fcn_jax.data.pipeline import WindowSource, make_train_iterator  # noqa: E402
 from fcn_jax.data.prepare import prepare  # noqa: E402
@@ -164,8 +160,8 @@ def _write_sources(d: str, days: int, formats: list[str]) -> dict[str, list[str]
             if h5 is None:
                 os.makedirs(os.path.join(d, "hdf5"), exist_ok=True)
                 h5 = h5py.File(os.path.join(d, "hdf5", "2018.h5"), "w")
-                ds = h5.create_dataset("fields", shape=(4 * days, 21, 721, 1440), dtype="float32",
-                                       chunks=(1, 1, 721, 1440))
+                h5.create_dataset("fields", shape=(4 * days, 21, 721, 1440), dtype="float32",
+                                  chunks=(1, 1, 721, 1440))
                 out["hdf5"] = [h5.filename]
             full = np.zeros((4, 21, 721, 1440), np.float32)
             full[:, [FCN_HDF5_LAYOUT.index(c) for c in FCN_20]] = x
@@ -254,6 +250,7 @@ def main() -> None:
     ap.add_argument("--skip-pipeline", action="store_true", help="only the prepare benchmark")
     ap.add_argument("--skip-world", action="store_true")
     args = ap.parse_args()
+    cli.start(argparse.Namespace(cpu_devices=8))  # 8 CPU devices for the (2, 1, 2, 2) mesh, before JAX starts
     rows: list = []
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].platform}; cores: {os.cpu_count()}")
     if not args.skip_prepare:

@@ -8,8 +8,8 @@ Measures, for the published 0.25-degree configuration (720x1440 pixels, patch
 * the compiler's memory analysis of the jit-compiled train step (relative L2 +
   Adam, ``fcn_jax.training.step.make_train_step``), lowered from *abstract*
   inputs (``nnx.eval_shape`` + ``jax.ShapeDtypeStruct``) so nothing big is
-  allocated, next to the seed talk's 9.3 GB ("scaffolding") / 3.4 GB
-  ("running") figures;
+  allocated, next to the seed talk's "scaffolding" / "running" figures
+  (``fcn_jax.perfmodel.report.SEED_TABLE``);
 * compiled FLOPs of that step (``cost_analysis``);
 * wall-clock forward and train-step time on a real (randomly initialised)
   model: compile time separately, then the median of N runs after warm-up.
@@ -28,39 +28,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import math
 import os
-import re
 import statistics
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "--untuned" in sys.argv:
-    os.environ["FCN_JAX_CPU_TUNING"] = "0"
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-from fcn_jax.cpu_runtime import tune_cpu_process  # noqa: E402
+from fcn_jax import cli
+from fcn_jax.config import ModelConfig
+from fcn_jax.cpu_runtime import tune_cpu_process
+from fcn_jax.model.afnonet import AFNONet
 
-#: What the command lines do to a CPU process before JAX starts (fcn_jax.cpu_runtime).
-CPU_TUNING = tune_cpu_process()
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from fcn_jax.config import ModelConfig  # noqa: E402
-from fcn_jax.model.afnonet import AFNONet  # noqa: E402
-
-# the abstract (nothing allocated) train inputs and XLA's own numbers, shared with the performance model's check
-from fcn_jax.perfmodel.compiler import abstract_train_inputs, cost_flops, memory_stats  # noqa: E402
-from fcn_jax.training.step import init_train_state, make_train_step  # noqa: E402
+# the abstract (nothing allocated) train step and XLA's own numbers, shared with the performance model's check
+from fcn_jax.perfmodel.compiler import compile_train_step
+from fcn_jax.perfmodel.report import SEED_TABLE
+from fcn_jax.training.step import init_train_state, make_train_step
 
 GB = 1e9
-#: Seed talk, per sample (jax-notes §13): 0.25 deg / patch 8 / 12 blocks.
-SEED_SCAFFOLDING_GB = 9.3
-SEED_RUNNING_GB = 3.4
+#: Seed talk, per sample (jax-notes §13): 0.25 deg / patch 8 / 12 blocks, scaffolding and running GB.
+SEED_SCAFFOLDING_GB, SEED_RUNNING_GB = next((s, r) for name, _, s, r in SEED_TABLE if name == "0.25°/p8/12")
 #: jax-notes §13: XLA:CPU temp bytes measured for a straightforward JAX port.
 NOTES_TEMP_GB = {False: 17.2, True: 19.5}  # keyed by remat
 NOTES_TFLOP_PER_SAMPLE = 6.05
@@ -113,63 +105,6 @@ def describe(cfg: ModelConfig) -> str:
     )
 
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-                "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
-_SKIP_OPS = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all", "partition-id"}
-
-
-def _shape_bytes(shape: str) -> int:
-    total = 0
-    for dt, dims in re.findall(r"\b(pred|[sucf]\d+|bf16)\[([\d,]*)\]", shape):
-        total += _DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
-def hlo_census(hlo_text: str) -> dict:
-    """Top-level ops of an optimised HLO module by class: {class: {"count", "out_bytes"}}.
-
-    Classes, by what a (fused) instruction computes, in this priority: ``dot``, ``fft``,
-    ``reduce``, ``layout`` (a transpose or copy: data moved, nothing computed), ``elementwise``,
-    ``collective``, ``other``. ``out_bytes`` sums the bytes each writes -- a memory-traffic proxy
-    that shows, e.g., transposed copies feeding the dots of a backward pass.
-    """
-    bodies = {}
-    for m in re.finditer(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo_text, re.S | re.M):
-        bodies[m.group(1)] = m.group(2)
-    entry = hlo_text[hlo_text.index("ENTRY"):]
-    entry = entry[: entry.index("\n}")]
-    out: dict = {}
-    for line in entry.splitlines()[1:]:
-        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (\(.*?\)|\S+) ([\w\-]+)\(", line)
-        if not m or m.group(2) in _SKIP_OPS:
-            continue
-        shape, op = m.groups()
-        body = line
-        if op == "fusion":
-            called = re.search(r"calls=%?([\w.\-]+)", line)
-            body = bodies.get(called.group(1), "") if called else ""
-        if re.search(r" (dot|convolution)\(", body) or op in ("dot", "convolution"):
-            cls = "dot"
-        elif op == "fft" or " fft(" in body:
-            cls = "fft"
-        elif re.search(r" (all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)[\w\-]*\(", line):
-            cls = "collective"
-        elif op in ("reduce", "reduce-window") or re.search(r" reduce(-window)?\(", body):
-            cls = "reduce"
-        elif op in ("copy", "transpose") or (op == "fusion" and re.search(r" (copy|transpose)\(", body)
-                                             and not re.search(r" (add|subtract|multiply|divide|select|maximum|"
-                                                               r"exponential|erf|rsqrt|compare|negate)\(", body)):
-            cls = "layout"
-        elif op == "fusion" or op in ("add", "multiply", "subtract", "divide", "select", "maximum", "negate"):
-            cls = "elementwise"
-        else:
-            cls = "other"
-        c = out.setdefault(cls, {"count": 0, "out_bytes": 0})
-        c["count"] += 1
-        c["out_bytes"] += _shape_bytes(shape)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["out_bytes"]))
-
-
 def format_table(headers, rows, align=None) -> str:
     """Plain-text table; numbers right-aligned, text left-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
@@ -205,25 +140,15 @@ def mem_available() -> int | None:
 
 
 def analyse_train_step(cfg, tx, batch):
-    from fcn_jax.parallel.mesh import single_device_mesh
-
-    mesh = single_device_mesh()
-    graphdef, state, window, n_params = abstract_train_inputs(cfg, mesh, tx, batch)
-    step = make_train_step(graphdef, tx)
-    with jax.set_mesh(mesh):
-        t0 = time.perf_counter()
-        lowered = step.lower(state, window)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
+    r = compile_train_step(cfg, (1, 1, 1, 1), batch, tx=tx, census=True)
     return {
-        "params": n_params,
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t1,
-        "memory": memory_stats(compiled),
-        "flops_compiled": cost_flops(compiled),
-        "flops_lowered": cost_flops(lowered),
-        "hlo_census": hlo_census(compiled.as_text()),
+        "params": r["params"],
+        "lower_s": r["lower_s"],
+        "compile_s": r["compile_s"],
+        "memory": r["memory"],
+        "flops_compiled": r["flops_per_device"],
+        "flops_lowered": r["flops_lowered_global"],
+        "hlo_census": r["op_census"],
     }
 
 
@@ -257,7 +182,7 @@ def time_model(cfg, tx, batch, runs, warmup):
     t0 = time.perf_counter()
     fwd_c = fwd.lower(params, x[:, 0]).compile()
     res["forward_compile_s"] = time.perf_counter() - t0
-    res["forward_s"], res["forward_runs_s"] = _median_time(lambda: fwd_c(params, x[:, 0]), runs, warmup)
+    res["forward_s"], res["forward_runs_s"] = _median_time(functools.partial(fwd_c, params, x[:, 0]), runs, warmup)
     del fwd_c
 
     graphdef, state = init_train_state(model, tx)
@@ -296,6 +221,10 @@ def main(argv=None):
                     help="leave the process as JAX sets it up (no fcn_jax.cpu_runtime tuning), for A/B timing")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = ap.parse_args(argv)
+    if args.untuned:
+        os.environ["FCN_JAX_CPU_TUNING"] = "0"
+    cli.start(argparse.Namespace(cpu_devices=1))  # what the command lines do before JAX starts
+    cpu_tuning = tune_cpu_process()  # what start applied (asked again before the backend starts: no change)
 
     cfg = model_config_from_args(args)
     tx = optax.adam(args.lr)
@@ -305,7 +234,7 @@ def main(argv=None):
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
-        "cpu_tuning": CPU_TUNING,
+        "cpu_tuning": cpu_tuning,
     }
 
     analysis = analyse_train_step(cfg, tx, args.batch)

@@ -41,7 +41,9 @@ import subprocess
 import sys
 import time
 
-from fcn_jax.perfmodel.compiler import OPS
+from fcn_jax import cli
+from fcn_jax.parallel.hlo import COLLECTIVES as OPS
+from fcn_jax.perfmodel.report import SEED_TABLE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,7 +57,8 @@ MESHES = {
     "0.25": [(1, 1, 1, 1), (1, 1, 2, 4), (1, 2, 2, 2), (2, 1, 2, 2)],
     "0.1": [(1, 1, 1, 1), (1, 1, 2, 4), (1, 2, 2, 2), (1, 8, 1, 1)],
 }
-SEED_EXTRAPOLATED_01_GB = 405.0
+#: The seed talk's (scaffolding, running) GB per sample, by configuration (fcn_jax.perfmodel.report.SEED_TABLE).
+SEED_GB = {name: (scaffolding, running) for name, _, scaffolding, running in SEED_TABLE}
 TARGET_GB = 80.0
 GB = 1e9
 
@@ -84,10 +87,8 @@ def predicted(cfg, shape, local_batch: int, layout: str) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def run_case(case: dict, n_devices: int) -> dict:
+def run_case(case: dict) -> dict:
     import jax
-
-    jax.config.update("jax_num_cpu_devices", n_devices)  # before any JAX op
     import optax
 
     from fcn_jax.config import ModelConfig
@@ -159,8 +160,9 @@ def print_tables(results, args):
          "<80GB", "TFLOP/dev", "compile s", "host RSS GB"],
         rows, ["l", "l", "l"] + ["r"] * 10))
     print("  model: the performance model's prediction (python -m fcn_jax.perf; XLA:CPU keeps more live)")
-    print("  (seed talk: 0.25deg/p8/12 9.3 GB scaffolding / 3.4 GB running per sample; "
-          f"0.1deg/p4/24 {SEED_EXTRAPOLATED_01_GB:.0f} GB extrapolated on one device; target < {TARGET_GB:.0f} GB/device)")
+    (s25, r25), (s01, _) = SEED_GB["0.25°/p8/12"], SEED_GB["0.1°/p4/24"]
+    print(f"  (seed talk: 0.25deg/p8/12 {s25} GB scaffolding / {r25} GB running per sample; "
+          f"0.1deg/p4/24 {s01:.0f} GB extrapolated on one device; target < {TARGET_GB:.0f} GB/device)")
     for r in results:
         if "refused" in r or "error" in r:
             print(f"  * {r['config']} {r['mesh']}: " + (r.get("refused") or r.get("error")).replace("\n", "\n    "))
@@ -215,15 +217,13 @@ def main(argv=None):
     ap.add_argument("--_case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    cli.start(args)  # --cpu-devices: the CPU platform with that many devices, before any JAX op
     if args._case:  # child: compile one case, print its JSON on the last line
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        print(json.dumps(run_case(json.loads(args._case), args.cpu_devices)))
+        print(json.dumps(run_case(json.loads(args._case))))
         return 0
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before any JAX op
     from fcn_jax.config import ModelConfig
 
     names = args.only or list(CONFIGS)

@@ -21,16 +21,13 @@ printed too. Run it at low priority on a shared machine::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-from fcn_jax.cpu_runtime import tune_cpu_process  # noqa: E402
-
-tune_cpu_process()  # time what the command lines run (fcn_jax.cpu_runtime)
+from fcn_jax import cli
 
 #: Small configurations (one device, batch 1, float32). ``ref_d2`` is the issue's
 #: reference configuration (360x720, patch 8, 768 wide, 8 blocks) with 2 of its 12 layers.
@@ -59,7 +56,7 @@ def measure(cfg, batch: int, runs: int) -> dict:
     x = jax.random.normal(jax.random.key(1), (batch, 2, *cfg.img_size, cfg.in_channels), jnp.float32)
     graphdef, params = nnx.split(model, nnx.Param)
     fwd = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx)).lower(params, x[:, 0]).compile()
-    fwd_runs = timed_runs(lambda: fwd(params, x[:, 0]), runs)
+    fwd_runs = timed_runs(functools.partial(fwd, params, x[:, 0]), runs)
     del fwd
     graphdef, state = init_train_state(model, tx)
     del model, params
@@ -150,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    cli.start(argparse.Namespace(cpu_devices=1))  # the CPU, tuned as the command lines run it (fcn_jax.cpu_runtime)
     import jax
 
     results = []

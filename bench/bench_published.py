@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import format_table  # noqa: E402
+
+from fcn_jax import cli  # noqa: E402
 
 GB = 1e9
 NJ, NI = 721, 1440  # ERA5 0.25 degree, pole to pole
@@ -264,6 +265,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the per-step cost is a difference with a 1-step forecast)")
+    # the CPU (JAX_PLATFORMS=cpu unless set, inherited by the commands it runs), before JAX starts
+    cli.start(argparse.Namespace(cpu_devices=1))
     d, n = args.workdir, args.steps
     big = ["backbone.ckpt", "stats", "model", "era5_pl.grib", "era5_sfc.grib", "fc1.nc", "fc7d.nc", "ens.nc"]
     d.mkdir(parents=True, exist_ok=True)

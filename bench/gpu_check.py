@@ -275,6 +275,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args._child:  # one case; its JSON result on the last line of stdout
+        from fcn_jax import cli
+
+        cli.start(argparse.Namespace(cpu_devices=0))  # as the commands start (platform: the parent's JAX_PLATFORMS)
         spec = json.loads(args._child)
         try:
             res = run_child(spec)

@@ -2,7 +2,10 @@
 
 * ``verify PATH...`` -- a run directory, its ``checkpoints/`` or a model
   package against their integrity manifests (:mod:`fcn_jax.checkpoints.integrity`);
-  exit status 0 all intact, 1 damage found (the lines above say where);
+  exit status 0 all intact, 1 damage found (the lines say where), 2 a path
+  does not exist, 6 nothing to verify yet (no checkpoint step or model: a run
+  that has not saved; not damage) -- with several paths, the first of 1, 2, 6
+  that applies;
 * ``seal PATH...`` -- add manifests to checkpoints written before fcn_jax wrote
   them (only for trusted directories: sealing blesses what is there);
 * ``show MODEL`` -- what a model package carries: channels, statistics, grid,
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from fcn_jax.checkpoints.package import describe_package, read_package, seal_path, verify_path
+    from fcn_jax.checkpoints.package import describe_package, read_package, seal_path, verify_path, verify_summary
 
     if args.cmd == "show":
         print(describe_package(read_package(args.path)))
@@ -45,13 +48,14 @@ def _run(args) -> int:
             done = seal_path(p)
             print("\n".join(f"sealed   {d}" for d in done) or f"nothing to seal in {p}")
         return 0
-    all_ok = True
+    verdicts = []
     for p in args.paths:
-        ok, lines = verify_path(p)
-        all_ok &= ok
+        verdict, lines = verify_path(p)
+        verdicts.append(verdict)
         print("\n".join(lines))
-    print("all intact" if all_ok else "DAMAGED checkpoints found (see above)")
-    return 0 if all_ok else 1
+    code, line = verify_summary(verdicts)
+    print(line)
+    return code
 
 
 if __name__ == "__main__":

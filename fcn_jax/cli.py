@@ -193,6 +193,9 @@ def add_runtime(ap: argparse.ArgumentParser, *, multihost: bool = True) -> None:
         g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
         g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
         g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
+        g.add_argument("--peer-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a process silent this long counts as lost: the others exit with status 75, saying "
+                            "which checkpoint is intact (default FCN_PEER_TIMEOUT, else 60; 0 = never)")
 
 
 def start(args: argparse.Namespace | None = None) -> bool:
@@ -208,6 +211,11 @@ def start(args: argparse.Namespace | None = None) -> bool:
     from fcn_jax import distributed
     from fcn_jax.cpu_runtime import tune_cpu_process
 
+    if (distributed.is_multiprocess_request(getattr(args, "coordinator", None))
+            and not os.environ.get("FCN_SUPERVISED") and getattr(sys, "orig_argv", None)
+            and sys.platform.startswith("linux") and getattr(args, "supervise", True)):
+        # the command again, as a child this process watches: a lost coordinator becomes one line, exit 75
+        raise SystemExit(distributed.supervise(list(sys.orig_argv)))
     cpu_devices = getattr(args, "cpu_devices", 0) or 0
     if cpu_devices:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -224,7 +232,7 @@ def start(args: argparse.Namespace | None = None) -> bool:
                 raise errors.InputError(f"--cpu-devices {cpu_devices}: the backend already runs with "
                                         f"{jax.device_count()} devices ({e})") from None
     return distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                                  getattr(args, "process_id", None))
+                                  getattr(args, "process_id", None), getattr(args, "peer_timeout", None))
 
 
 def is_primary() -> bool:
@@ -255,8 +263,13 @@ def run(body: Callable[[], int | None], *, on_error: Callable[[BaseException], N
     try:
         code = body()
     except BaseException as e:  # noqa: BLE001 - mapped below; anything unmapped is re-raised
+        if isinstance(e, SystemExit):
+            raise
         code = errors.exit_code(e)
         if code is None:
+            from fcn_jax.distributed import wait_for_peer_verdict
+
+            wait_for_peer_verdict(e)  # a collective failed because a peer died: the watch says so and exits
             raise
         if on_error is not None:
             on_error(e)

@@ -30,7 +30,8 @@ from fcn_jax.errors import InputError
 #: Directory holding the shipped experiments.
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
-#: The original 20 FourCastNet channels, in the original order (model spec §11.2).
+#: The original 20 FourCastNet channels, in the original order (model spec §11.2): the one
+#: definition (``fcn_jax.data.channels.FCN_20`` is this tuple, for the data layer's users).
 FCN_CHANNELS: tuple[str, ...] = (
     "u10", "v10", "t2m", "sp", "msl", "t850", "u1000", "v1000", "z1000", "u850",
     "v850", "z850", "u500", "v500", "z500", "t500", "z50", "r500", "r850", "tcwv",
@@ -452,7 +453,9 @@ def _check_section_types(cls, raw: dict, section: str) -> dict:
     return kwargs
 
 
-def _build_section(cls, raw: dict, section: str):
+def build_section(cls, raw: dict, section: str):
+    """One section dataclass (``ModelConfig``, ...) from a mapping, checked as an experiment's is; ``section``
+    names it in errors (a model package's ``model.json`` uses it too)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -551,7 +554,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def build_experiment(raw: dict, source: str = "<dict>") -> ExperimentConfig:
     """Validate a merged raw mapping into an :class:`ExperimentConfig`."""
     try:
-        sections = {name: _build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+        sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
         name = raw.get("name", "experiment")
         desc = raw.get("description", "")
         if not isinstance(name, str) or not isinstance(desc, str):
@@ -586,8 +589,3 @@ def load_experiment(name_or_path: str | Path, overrides: Sequence[str] = ()) -> 
 def dump_experiment(cfg: ExperimentConfig) -> str:
     """YAML text that :func:`load_experiment` reads back to an equal config."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def replace(cfg, **changes):
-    """``dataclasses.replace`` that re-runs validation (frozen configs)."""
-    return dataclasses.replace(cfg, **changes)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fcn_jax import cli
 
-MAIN_CHANNELS = ("z500", "t850", "u850", "t2m", "sp", "u250")
+#: Channels of the embedded world in the demo's deterministic score table, in order.
+WORLD_TABLE_CHANNELS = ("z500", "t850", "u850", "t2m", "sp", "u250")
 
 
 def main(argv=None) -> int:
@@ -94,9 +95,9 @@ def _demo(args) -> None:
     scores = evaluate.evaluate_forecast(det, store, workdir / "scores", convention="fcn")
     print(f"   {len(starts)} initial conditions from {y0}, leads 0..{steps * 6} h "
           f"({time.perf_counter() - t0:.1f} s)\n")
-    print(evaluate.format_table(scores, channels=MAIN_CHANNELS, leads_h=(6, 24, 48, 72, 120)))
+    print(evaluate.format_table(scores, channels=WORLD_TABLE_CHANNELS, leads_h=(6, 24, 48, 72, 120)))
     print()
-    print(_beats_persistence(scores, MAIN_CHANNELS, (24, 48, 72)))
+    print(_beats_persistence(scores, WORLD_TABLE_CHANNELS, (24, 48, 72)))
 
     print(f"\n== 5/5 {args.members}-member ensemble (IC perturbation, std {ev.perturbation_std}) and a cyclone track")
     t0 = time.perf_counter()

@@ -15,6 +15,10 @@ code   meaning
 3      the training loss became non-finite
 4      not enough disk space for a checkpoint
 5      a damaged checkpoint or model package (integrity check failed)
+6      nothing to verify: ``checkpoint verify`` found no checkpoint or model
+       at the path (a run that has not saved yet); not damage
+75     a peer process of a multi-process run was lost; the last intact
+       checkpoint is kept and rerunning the same command resumes from it
 130    interrupted (Ctrl-C)
 =====  ==================================================================
 """
@@ -22,7 +26,7 @@ code   meaning
 from __future__ import annotations
 
 __all__ = ["EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_INPUT", "EXIT_NON_FINITE", "EXIT_NO_SPACE", "EXIT_DAMAGED",
-           "EXIT_INTERRUPTED", "FcnError", "InputError", "exit_code"]
+           "EXIT_NOTHING_TO_VERIFY", "EXIT_PEER_LOST", "EXIT_INTERRUPTED", "FcnError", "InputError", "exit_code"]
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -30,6 +34,8 @@ EXIT_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_NO_SPACE = 4
 EXIT_DAMAGED = 5
+EXIT_NOTHING_TO_VERIFY = 6
+EXIT_PEER_LOST = 75  # sysexits' EX_TEMPFAIL: a scheduler may requeue; the rerun resumes
 EXIT_INTERRUPTED = 130
 
 

@@ -103,9 +103,10 @@ import numpy as np
 from fcn_jax import cli, metrics
 from fcn_jax.files import atomic_write
 from fcn_jax.inference.files import ForecastError, channel_units, forecast_channels, read_forecast
+from fcn_jax.normalize import Normalizer
 
 __all__ = [
-    "MAIN_CHANNELS",
+    "DEFAULT_CHANNELS",
     "BASELINES",
     "evaluate_forecast",
     "format_table",
@@ -116,7 +117,7 @@ __all__ = [
 ]
 
 #: Channels shown by default in tables and plots, in order, when present.
-MAIN_CHANNELS: tuple[str, ...] = ("z500", "t850", "t2m", "u10", "v10", "msl", "sp", "tcwv", "r500", "tp")
+DEFAULT_CHANNELS: tuple[str, ...] = ("z500", "t850", "t2m", "u10", "v10", "msl", "sp", "tcwv", "r500", "tp")
 
 #: Leads (hours) shown by default in the table: 6 h, 1, 2, 3 and 5 days.
 DEFAULT_LEADS_H: tuple[int, ...] = (6, 24, 48, 72, 120)
@@ -484,7 +485,11 @@ def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = B
     also writes ``scores.nc``, ``scores.csv``, ``rank_histogram.nc`` (ensembles)
     and the plots there. Everything is checked before any score is computed
     and nothing is written on error. ``max_chunk_bytes`` bounds the forecast
-    slice held in memory (as many ICs at once as fit, else one IC with its leads in chunks).
+    slice held in memory: as many ICs, leads and channels at once as fit (every
+    score is per channel), or, when one lead of one channel of all members is
+    larger, that much; the scoring holds a few copies of the slice (normalised,
+    sorted members for the CRPS), so memory stays a small multiple of it
+    however large the ensemble file (``--chunk-mb``).
     """
     from fcn_jax.data.errors import DataError
 
@@ -610,9 +615,7 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
     w = _weights(fc["lat"].values, convention)
     nlat, nlon = fc.sizes["lat"], fc.sizes["lon"]
 
-    def norm(x):
-        return (np.asarray(x, np.float32) - mean) / std
-
+    norm = Normalizer(mean, std).normalize  # x: [..., channel], scores in normalised units
     tmean = np.zeros((nlat, nlon, len(chans)), np.float32)
     for j, ks in S["use"].items():
         tmean[..., ks] = S["clims"][j].time_mean([chans[k] for k in ks])
@@ -626,49 +629,55 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
                 x[..., ks] = S["clims"][j].at(times, [chans[k] for k in ks])
         return norm(x)
 
-    per_lead = nlat * nlon * len(chans) * 4 * max(n_mem, 1)
+    # Memory: the forecast is read in chunks of at most max_chunk_bytes -- ICs x leads x channels, every
+    # score being per channel -- or, when one lead of one channel of all members is larger, that much.
+    per_lead_ch = nlat * nlon * 4 * max(n_mem, 1)  # one lead, one channel, every member
+    group = int(max(1, min(len(chans), max_chunk_bytes // per_lead_ch)))
+    groups = [np.arange(k, min(k + group, len(chans))) for k in range(0, len(chans), group)]
+    per_lead = per_lead_ch * group
     lc = int(max(1, min(len(lead), max_chunk_bytes // per_lead)))
     systems = ["model"] + list(baselines)
     acc_store = {m: {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in _DET} for m in systems}
     ens_store = {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in ("crps", "var")}
     ranks = np.zeros((len(lead), len(chans), n_mem + 1), np.int64) if ensemble else None
 
-    def read_truth(tidx):  # [n, lat, lon, ch] normalised
-        return norm(an.read_index(np.asarray(tidx).reshape(-1)))
+    def read_truth(tidx, g):  # [n, lat, lon, ch of group g] normalised
+        return norm(an.read_index(np.asarray(tidx).reshape(-1)))[..., g]
 
     n_init = len(init)
     ic_chunk = int(max(1, max_chunk_bytes // (per_lead * len(lead)))) if lc == len(lead) else 1
-    chunks = [(i0, min(i0 + ic_chunk, n_init)) for i0 in range(0, n_init, ic_chunk)]
+    chunks = [(g, i0, min(i0 + ic_chunk, n_init)) for g in groups for i0 in range(0, n_init, ic_chunk)]
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="evaluate")
-    for i0, i1 in chunks:  # ICs [i0, i1) x leads in chunks of lc: one truth read per chunk
+    for g, i0, i1 in chunks:  # channel group x ICs [i0, i1) x leads in chunks of lc: one truth read per chunk
         n = i1 - i0
-        pers = read_truth(iidx[i0:i1])[:, None] if iidx is not None else None  # [n, 1, lat, lon, ch]
+        norm_g = Normalizer(mean[g], std[g]).normalize
+        pers = read_truth(iidx[i0:i1], g)[:, None] if iidx is not None else None  # [n, 1, lat, lon, ch]
         for l0 in range(0, len(lead), lc):
             sl = slice(l0, min(l0 + lc, len(lead)))
             L = sl.stop - sl.start
-            f = np.stack([np.asarray(fc[c].isel(init_time=slice(i0, i1), lead_time=sl).values, np.float32)
-                          for c in chans], -1)
-            f = norm(f)  # [n, L, (M), lat, lon, ch]
-            y = read_truth(vidx[i0:i1, sl]).reshape((n, L) + f.shape[-3:])  # [n, L, lat, lon, ch]
+            f = np.stack([np.asarray(fc[chans[k]].isel(init_time=slice(i0, i1), lead_time=sl).values, np.float32)
+                          for k in g], -1)
+            f = norm_g(f)  # [n, L, (M), lat, lon, ch]
+            y = read_truth(vidx[i0:i1, sl], g).reshape((n, L) + f.shape[-3:])  # [n, L, lat, lon, ch]
             if any_doy:
-                clim = clim_at(valid[i0:i1, sl].reshape(-1)).reshape(y.shape)
+                clim = clim_at(valid[i0:i1, sl].reshape(-1))[..., g].reshape(y.shape)
             else:
-                clim = tmean_n[None, None]
+                clim = tmean_n[None, None][..., g]
             res = jax.device_get(_ens_scores(f, y, clim, w) if ensemble else _det_scores(f, y, clim, w))
             for k in _DET:
-                acc_store["model"][k][i0:i1, sl] = res[k]
+                acc_store["model"][k][i0:i1, sl, g] = res[k]
             if ensemble:
-                ens_store["crps"][i0:i1, sl] = res["crps"]
-                ens_store["var"][i0:i1, sl] = res["var"]
-                ranks[sl] += np.asarray(res["rank"], np.int64)
+                ens_store["crps"][i0:i1, sl, g] = res["crps"]
+                ens_store["var"][i0:i1, sl, g] = res["var"]
+                ranks[sl, g] += np.asarray(res["rank"], np.int64)
             for b in baselines:
                 pred = pers if b == "persistence" else clim
                 rb = jax.device_get(_det_scores(pred, y, clim, w))
                 for k in _DET:
-                    acc_store[b][k][i0:i1, sl] = rb[k]
+                    acc_store[b][k][i0:i1, sl, g] = rb[k]
     scores = _assemble(acc_store, ens_store if ensemble else None, systems, chans, lead, std, convention)
     scores.attrs.update({"n_ic": len(init), "convention": convention, "members": n_mem,
                          "lat_weights": "wb2 cell area" if convention == "wb2" else
@@ -687,7 +696,7 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
         if plots:
             from fcn_jax import plots as P
 
-            show = [c for c in MAIN_CHANNELS if c in chans][:4] or chans[:4]
+            show = [c for c in DEFAULT_CHANNELS if c in chans][:4] or chans[:4]
             P.plot_scores(scores, out / "scores_vs_lead.png", channels=show)
             if ensemble:
                 P.plot_spread_skill(scores, out / "spread_skill.png", channels=show)
@@ -782,7 +791,7 @@ def _fmt(x: float) -> str:
 def format_table(scores, channels: Sequence[str] | None = None, leads_h: Sequence[float] = DEFAULT_LEADS_H) -> str:
     """Plain-text table: RMSE and ACC per system, and for ensembles CRPS per system and the spread-skill ratio."""
     names = [str(c) for c in scores.channel.values]
-    channels = [c for c in (channels or MAIN_CHANNELS) if c in names] or names[:4]
+    channels = [c for c in (channels or DEFAULT_CHANNELS) if c in names] or names[:4]
     systems = [str(m) for m in scores.system.values]
     hours = list(_hours(scores))
     leads = [l for l in leads_h if float(l) in hours]
@@ -873,6 +882,9 @@ def main(argv=None) -> int:
                     help="interpolate a truth or climatology on another grid to the forecast's (bilinear) "
                          "instead of refusing it")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--chunk-mb", type=float, default=512,
+                    help="forecast data held at a time, MB (default 512): ICs x leads x channels of an ensemble, "
+                         "or one lead and channel of all members when that is larger")
     cli.add_experiment(ap, positional=False,
                        help="the experiment whose world --truth world means (its data.world_seed; default: the "
                             "world experiment's)")
@@ -887,7 +899,8 @@ def main(argv=None) -> int:
                                    convention=args.convention,
                                    channels=args.channels.split(",") if args.channels else None,
                                    climatology=args.climatology, member=args.member, regrid=args.regrid,
-                                   plots=not args.no_plots, progress=True)
+                                   plots=not args.no_plots, progress=True,
+                                   max_chunk_bytes=int(args.chunk_mb * 2**20))
         print(format_table(scores))
         print(f"climatology: {scores.attrs.get('climatology')}")
         print(f"scores in {Path(args.out) / 'scores.nc'}")

@@ -41,6 +41,7 @@ the source); on any error no output file is left behind.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -174,7 +175,8 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                  perturbation_std: float = 0.3, seed: int = 0, precip_dir=None, mesh_shape=None,
                  ic_file=None, batch_size: int | None = None, member_chunk: int | None = None,
                  channels: Sequence[str] | None = None, precip_bound_std: float = 10.0, regrid: bool = False,
-                 member: int | None = None, lead_chunk: int | None = 8, progress: bool = False) -> Path:
+                 member: int | None = None, lead_chunk: int | None = 8, progress: bool = False,
+                 overwrite: bool = False, resume: bool = True) -> Path:
     """Run a forecast and write it to ``out`` (.nc / .zarr); see the module doc. Returns the path.
 
     ``ic_file``: the analysis to start from -- any source
@@ -197,6 +199,11 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     the package nor a store knows ``tp``'s statistics, as in the original): the
     inverse ``eps * expm1(y)`` is exponential, and a few over-confident outputs
     would otherwise dominate an RMSE in metres.
+
+    ``overwrite``: replace an existing ``out`` (else it is refused before
+    anything runs). ``resume``: chunks go through a journal in a partial output
+    keyed by :func:`resume_key`, so the same call after a kill continues where
+    it stopped and writes the same file (``False``: a throw-away temporary).
     """
     from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.data.errors import DataError
@@ -297,34 +304,118 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
              "perturbation_std": perturbation_std if members else None, "seed": seed if members else None,
              "mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items()), "processes": jax.process_count(),
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
-    tqdm = _tqdm(progress)
-    # chunk -> write. Multi-host: every process computes (and gathers) each chunk, process 0 alone writes.
+    from tqdm.auto import tqdm
+
+    # chunk -> write, resumably: a chunk (an IC batch, or one IC's member chunk) is committed to the partial
+    # output's journal once all its leads are written; the same command again skips committed chunks.
+    # Multi-host: every process computes (and gathers) each chunk, process 0 alone writes.
+    bs = round_up(batch_size or min(len(times), 8), forecaster.data_size)
+    m_chunk = round_up(min(member_chunk or 8, members), forecaster.data_size) if members else 0
+    chunks = [(i0, 0) for i0 in range(0, len(times), bs)] if not members else \
+        [(i, m0) for i in range(len(times)) for m0 in range(0, members, m_chunk)]
+    key, info = resume_key(pkg=pkg, ppkg=ppkg, analysis=analysis, times=times, steps=steps, members=members,
+                           perturbation_std=perturbation_std, seed=seed, batch=bs, member_chunk=m_chunk,
+                           lead_chunk=lead_chunk, mesh=mesh, channels=out_channels, regrid=regrid, member=member,
+                           precip_bound_std=precip_bound_std, out=out) if resume else (None, None)
     writer_cm = ForecastWriter(out, init_times=times, n_lead=steps + 1, step_hours=step_hours, lat=lat, lon=lon,
                                channels=out_channels, members=members or None, attrs=attrs,
-                               var_attrs={"tp": {"units": "m"}}) if jax.process_index() == 0 else _NoWriter()
+                               var_attrs={"tp": {"units": "m"}}, overwrite=overwrite, resume_key=key,
+                               resume_info=info) if jax.process_index() == 0 else _NoWriter()
     with jax.set_mesh(mesh), writer_cm as writer:
+        if progress:
+            for note in writer.notes:
+                print(note, file=sys.stderr, flush=True)
+        done = _done_everywhere([writer.is_done(i, m) for i, m in chunks])  # process 0's journal, on all
+        bar = tqdm(total=len(chunks), initial=sum(done), desc="ensemble" if members else "forecast",
+                   unit="chunk", disable=not progress)
         if not members:
-            bs = round_up(batch_size or min(len(times), 8), forecaster.data_size)
-            for i0 in tqdm(range(0, len(times), bs), desc="forecast"):
+            for (i0, _), skip in zip(chunks, done):
+                if skip:
+                    continue
                 sel = np.arange(i0, min(i0 + bs, len(times)))
                 for lead0, fields in forecaster.deterministic(analysis.read_index(idx[sel]), steps,
                                                               lead_chunk=lead_chunk, tp0=tp_at_init(sel)):
                     writer.write(fields, i0, lead_start=lead0)
+                writer.commit(i0)
+                bar.update()
         else:
-            key = jax.random.key(seed)
-            for i in tqdm(range(len(times)), desc="ensemble"):
+            rng = jax.random.key(seed)
+            skipped = {c for c, skip in zip(chunks, done) if skip}
+            for i in range(len(times)):
+                if all((i, m0) in skipped for m0 in range(0, members, m_chunk)):
+                    continue
                 sel = np.asarray([i])
                 # the IC index is folded into the key: each IC's noise is its own
+                last = None
                 for m0, lead0, fields in forecaster.ensemble(
-                        analysis.read_index(idx[sel]), steps, members=members, member_chunk=member_chunk or 8,
-                        perturbation_std=perturbation_std, key=jax.random.fold_in(key, i), lead_chunk=lead_chunk,
-                        tp0=tp_at_init(sel)):
+                        analysis.read_index(idx[sel]), steps, members=members, member_chunk=m_chunk,
+                        perturbation_std=perturbation_std, key=jax.random.fold_in(rng, i), lead_chunk=lead_chunk,
+                        tp0=tp_at_init(sel), skip=lambda m0, i=i: (i, m0) in skipped):
+                    if last is not None and m0 != last:
+                        writer.commit(i, last)
+                        bar.update()
                     writer.write(fields, i, member_start=m0, lead_start=lead0)
+                    last = m0
+                if last is not None:
+                    writer.commit(i, last)
+                    bar.update()
+        bar.close()
     if progress:
         kind = f"{members}-member ensemble" if members else "deterministic"
         print(f"wrote {out}: {kind}, {len(times)} ICs x {steps + 1} leads, {len(out_channels)} channels "
               f"({time.perf_counter() - t0:.1f} s)")
     return Path(out)
+
+
+def resume_key(*, pkg, ppkg, analysis, times, steps, members, perturbation_std, seed, batch, member_chunk,
+               lead_chunk, mesh, channels, regrid, member, precip_bound_std, out) -> tuple[str, dict]:
+    """``(key, description)`` of everything that decides a forecast file's values.
+
+    The key names the partial output (:class:`~fcn_jax.inference.files.ForecastWriter`): the same command
+    on the same inputs finds its own partial output; anything else -- another model (its integrity
+    manifest), source (paths, sizes, modification times), times, sizes, chunking or mesh -- does not,
+    and the description says how it differs.
+    """
+    import hashlib
+
+    from fcn_jax.checkpoints.integrity import MANIFEST
+
+    def package_id(p):
+        if p is None:
+            return None
+        manifest = Path(p.path) / MANIFEST
+        data = manifest.read_bytes() if manifest.is_file() else json.dumps(p.meta, sort_keys=True).encode()
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    def source_id(where):
+        files = []
+        for part in str(where).split(", "):
+            q = Path(part)
+            if q.exists():
+                stat = q.stat()
+                files.append([str(q.resolve()), stat.st_size, int(stat.st_mtime)])
+        return files or str(where)
+
+    info = {"model": package_id(pkg), "precip_model": package_id(ppkg), "source": source_id(analysis.where),
+            "grid": analysis.grid_note, "init_times": [str(t) for t in (times[0], times[-1])],
+            "n_init": len(times), "steps": int(steps), "members": int(members),
+            "perturbation_std": float(perturbation_std) if members else None, "seed": int(seed) if members else None,
+            "ic_batch": int(batch), "member_chunk": int(member_chunk), "lead_chunk": int(lead_chunk or 0),
+            "mesh": dict(mesh.shape), "processes": jax.process_count(), "channels": list(channels),
+            "regrid": bool(regrid), "member": member, "precip_bound_std": float(precip_bound_std),
+            "format": Path(out).suffix, "jax": jax.__version__}
+    digest = hashlib.sha256(json.dumps({**info, "all_init_times": [str(t) for t in times]},
+                                       sort_keys=True).encode()).hexdigest()
+    return digest, info
+
+
+def _done_everywhere(done: list[bool]) -> list[bool]:
+    """Process 0's committed-chunk flags on every process (they must skip the same chunks)."""
+    if jax.process_count() == 1:
+        return list(done)
+    from jax.experimental import multihost_utils
+
+    return [bool(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(done, np.int32))]
 
 
 def _precip_settings(ppkg, store, bound_std: float):
@@ -364,22 +455,22 @@ def _tp_source(source, analysis, regrid, member):
 class _NoWriter:
     """The writer of the processes other than 0 in a multi-host run."""
 
+    notes: list[str] = []
+
     def write(self, *args, **kwargs) -> None:
         pass
+
+    def commit(self, *args, **kwargs) -> None:
+        pass
+
+    def is_done(self, *args, **kwargs) -> bool:
+        return False
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
-
-
-def _tqdm(enabled: bool):
-    if not enabled:
-        return lambda it, **kw: it
-    from tqdm.auto import tqdm
-
-    return tqdm
 
 
 # --------------------------------------------------------------------------- #
@@ -401,7 +492,12 @@ def main(argv=None) -> int:
                             "package's experiment, else the world experiment's)")
     ap.add_argument("--init", required=True, help="ISO times 'T1,T2' or a range 'START/END/STRIDE' (e.g. 72h)")
     ap.add_argument("--steps", type=int, required=True, help="model steps (lead = steps x 6 h)")
-    ap.add_argument("--out", required=True, help="output .nc or .zarr")
+    ap.add_argument("--out", required=True,
+                    help="output .nc or .zarr; written through a partial output beside it, so the same command "
+                         "after an interruption continues where it stopped")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --out (only once the new file is complete); without it an existing "
+                         "file is refused")
     ap.add_argument("--members", type=int, default=0, help="ensemble size (0 = deterministic)")
     ap.add_argument("--perturbation-std", type=float, default=0.3, help="IC noise std, normalised units")
     ap.add_argument("--seed", type=int, default=0)
@@ -439,7 +535,8 @@ def main(argv=None) -> int:
                      precip_dir=args.precip, mesh_shape=args.mesh, ic_file=ic, regrid=args.regrid, member=args.member,
                      batch_size=args.batch_size, member_chunk=args.member_chunk, lead_chunk=args.lead_chunk,
                      channels=args.channels.split(",") if args.channels else None,
-                     precip_bound_std=args.precip_bound_std, progress=cli.is_primary())
+                     precip_bound_std=args.precip_bound_std, progress=cli.is_primary(),
+                     overwrite=args.overwrite)
 
     return cli.run(body)
 

@@ -39,11 +39,12 @@ def main(argv=None) -> int:
         cfg = cli.load_experiment(args, mesh=True, store=True)
         workdir = args.workdir or os.path.join("runs", cfg.name)
         if args.verify_checkpoints:
-            from fcn_jax.checkpoints.package import verify_path
+            from fcn_jax.checkpoints.package import verify_path, verify_summary
 
-            ok, lines = verify_path(workdir)
-            print("\n".join(lines))
-            return 0 if ok else 1
+            verdict, lines = verify_path(workdir)
+            code, summary = verify_summary([verdict])
+            print("\n".join(lines + [summary]))
+            return code
         cli.start(args)  # platform, CPU tuning, jax.distributed: before anything runs on JAX
         from fcn_jax.training.loop import train
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by several test modules (imported as ``helpers``; pytest puts tests/ on sys.path)."""
+"""Small helpers shared by several test modules (``from tests.helpers import ...``)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ compared with the independent NumPy reference in ``tests/reference_fcn.py``.
 
 import collections
 import dataclasses
-import importlib.util
 import os
 import pickle
 import re
@@ -25,10 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_fcn as ref
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_model import nhwc, rel_err, to_model_config
 
 from fcn_jax import torch_format
 from fcn_jax.checkpoints import package as checkpoint
@@ -40,11 +37,11 @@ from fcn_jax.convert import (
     save_torch_checkpoint,
     to_torch_state_dict,
 )
+from tests import reference_fcn as ref
+from tests.fixtures import make_torch_fixtures as fx
+from tests.test_model import nhwc, rel_err, to_model_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-_spec = importlib.util.spec_from_file_location("make_torch_fixtures", FIXTURES / "make_torch_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
 
 # Non-square token grid (6 x 20) with a fractional hard_thresholding_fraction.
 NONSQUARE = ref.RefConfig(img_size=(24, 80), patch_size=(4, 4), in_chans=4, out_chans=4, embed_dim=32, depth=2,
@@ -288,7 +285,7 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path, backbone_sd, payloa
     marker = tmp_path / "code_ran"
     obj, name = {"canary": (_Canary(marker), f"{os.mkdir.__module__}.mkdir"),
                  "deque": (collections.deque([1, 2]), "collections.deque"),
-                 "function": (_counter_fn, "test_convert._counter_fn")}[payload]
+                 "function": (_counter_fn, f"{__name__}._counter_fn")}[payload]
     path = tmp_path / "evil.ckpt"
     with zipfile.ZipFile(path, "w") as zf:  # torch.save's layout; the object sits in the optimizer state
         evil = {"iters": 0, "epoch": 0, "model_state": {}, "optimizer_state_dict": {"extra": obj}}

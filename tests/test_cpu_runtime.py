@@ -17,9 +17,8 @@ out = {"done": done, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 if "--model" in sys.argv:
     # the tuned process against the independent float64 reference (tests/reference_fcn.py)
     import numpy as np, jax.numpy as jnp
-    sys.path.insert(0, sys.argv[sys.argv.index("--model") + 1])
-    import reference_fcn as ref
-    from test_model import CONFIGS, nhwc, rel_err, to_model_config
+    from tests import reference_fcn as ref
+    from tests.test_model import CONFIGS, nhwc, rel_err, to_model_config
     from fcn_jax.convert import model_from_params, state_dict_to_params
     rc = ref.RefConfig(**CONFIGS["fcn_like_4x8"])
     cfg = to_model_config(rc)
@@ -41,9 +40,9 @@ def _probe(env_extra, *args):
 
 
 def test_cpu_process_is_tuned_and_the_model_is_unchanged():
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    tuned = _probe({"JAX_PLATFORMS": "cpu"}, "--model", tests_dir)
-    plain = _probe({"JAX_PLATFORMS": "cpu", "FCN_JAX_CPU_TUNING": "0"}, "--model", tests_dir)
+    repo = {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}  # the tests package
+    tuned = _probe({"JAX_PLATFORMS": "cpu", **repo}, "--model")
+    plain = _probe({"JAX_PLATFORMS": "cpu", "FCN_JAX_CPU_TUNING": "0", **repo}, "--model")
     assert plain["done"] == {} and plain["xla_flags"] == ""
     # XLA's own choices (flags, dot library) are left alone: only the allocator changes
     assert tuned["xla_flags"] == "" and set(tuned["done"]) == {"allocator"}

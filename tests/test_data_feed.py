@@ -7,17 +7,12 @@ import xarray as xr
 from fcn_jax.config import load_experiment
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.channels import WORLD
-from fcn_jax.data.prepare import prepare
 
 
-def test_feed_opens_the_store_description_once(tmp_path, monkeypatch):
-    from fcn_jax.parallel.mesh import make_mesh
+def test_feed_opens_the_store_description_once(synthetic_store, data_mesh, monkeypatch):
     from fcn_jax.training.data_feed import open_feed
 
-    lat, lon = S.grid(8, 16, poles=False)
-    times = S.six_hourly("2000-01-01T00", 48)
-    src = S.synthetic_source(times, list(WORLD), lat, lon, noise=0.1)
-    store = prepare(src, tmp_path / "s.zarr", progress=False)
+    store = synthetic_store(S.six_hourly("2000-01-01T00", 48), list(WORLD), noise=0.1)
     cfg = load_experiment("world", [f"data.store={store}", "data.train_years=[2000,2000]",
                                     "data.valid_years=[2000,2000]", "mesh.data=-1", "train.batch_size=8"])
     opened = []
@@ -28,9 +23,8 @@ def test_feed_opens_the_store_description_once(tmp_path, monkeypatch):
         return real(path, *a, **k)
 
     monkeypatch.setattr(xr, "open_zarr", counting)
-    mesh = make_mesh((8, 1, 1, 1))
-    with jax.set_mesh(mesh):
-        feed = open_feed(cfg, mesh)
+    with jax.set_mesh(data_mesh):
+        feed = open_feed(cfg, data_mesh)
         batch = feed.next_train()
         valid = list(feed.valid_batches(1))
         feed.close()

@@ -24,8 +24,6 @@ import xarray as xr
 cfgrib = pytest.importorskip("cfgrib")
 eccodes = pytest.importorskip("eccodes")
 
-from helpers import write_grib  # noqa: E402
-
 from fcn_jax.data import synthetic as S  # noqa: E402
 from fcn_jax.data.channels import STANDARD_GRAVITY, resolve_channels  # noqa: E402
 from fcn_jax.data.errors import DataError  # noqa: E402
@@ -33,6 +31,7 @@ from fcn_jax.data.prepare import prepare  # noqa: E402
 from fcn_jax.data.readers import detect_kind, open_source  # noqa: E402
 from fcn_jax.data.store import open_store
 from fcn_jax.prepare import main as data_main  # noqa: E402
+from tests.helpers import write_grib  # noqa: E402
 
 # cfgrib.open_datasets (the netCDF conversion below) merges with xarray's old default
 pytestmark = pytest.mark.filterwarnings("ignore:In a future version of xarray the default value for compat")

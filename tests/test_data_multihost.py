@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import textwrap
 import pytest
 
 from fcn_jax.data import synthetic as S
-from fcn_jax.data.prepare import prepare
+from tests.multiproc import free_port
 
 _WORKER = textwrap.dedent("""
     import json, os, sys
@@ -40,13 +39,9 @@ _WORKER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_processes_read_disjoint_parts(tmp_path):
-    lat, lon = S.grid(8, 16, poles=False)
-    files = S.write_cds(tmp_path / "src", S.six_hourly("2000-01-01", 20), ["z500", "u10"], lat, lon)
-    store = prepare(files, tmp_path / "s.zarr", channels=["z500", "u10"], doy_climatology=False, progress=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_two_processes_read_disjoint_parts(synthetic_store):
+    store = synthetic_store(S.six_hourly("2000-01-01", 20), ["z500", "u10"], doy_climatology=False)
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"127.0.0.1:{port}", str(i), str(store)],

@@ -9,16 +9,14 @@ from jax.sharding import AxisType
 from fcn_jax.data import synthetic as S
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.pipeline import (
-    WINDOW_SPEC,
     Normalizer,
     WindowSource,
     _LocalBlockReader,
     make_train_iterator,
     read_plan,
 )  # fmt: skip
-from fcn_jax.data.prepare import prepare
 from fcn_jax.data.store import store_stats
-from fcn_jax.parallel.axes import MESH_AXES
+from fcn_jax.parallel.axes import MESH_AXES, WINDOW_SPEC
 
 CH = ["z500", "t850", "u10"]
 
@@ -28,15 +26,11 @@ def _mesh(shape):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(synthetic_store):
     """8 x 16 grid, 3 channels; 2000-12-30 .. 2001-01-06 with a gap (6 steps missing) on 2001-01-02."""
-    d = tmp_path_factory.mktemp("pipe")
-    lat, lon = S.grid(8, 16, poles=False)
-    times = S.six_hourly("2000-12-30T00", 32)
-    times = np.delete(times, np.arange(14, 20))
-    files = S.write_cds(d / "src", times, CH, lat, lon)
-    return str(prepare(files, d / "s.zarr", channels=CH, allow_gaps=True, doy_climatology=False,
-                       progress=False)), times, S.truth(times, CH, lat, lon)
+    times = np.delete(S.six_hourly("2000-12-30T00", 32), np.arange(14, 20))
+    path = synthetic_store(times, CH, allow_gaps=True, doy_climatology=False)
+    return path, times, S.truth(times, CH, *S.grid(8, 16, poles=False))
 
 
 def test_windows_never_cross_gaps(store):
@@ -175,13 +169,11 @@ def test_read_plan_for_simulated_processes(store):
         assert idx[2] == slice(gidx[2].start - 4, gidx[2].stop - 4) and idx[3] == gidx[3]
 
 
-def test_bad_mesh_fits(store, tmp_path):
+def test_bad_mesh_fits(store, synthetic_store):
     path, _, _ = store
     with pytest.raises(DataError, match="batch size 3 is not divisible by the mesh's 'data' axis"):
         make_train_iterator(path, mesh=_mesh((2, 1, 2, 2)), batch_size=3)
-    lat, lon = S.grid(6, 8, poles=False)
-    files = S.write_cds(tmp_path, S.six_hourly("2000-01-01", 6), ["t850"], lat, lon)
-    small = prepare(files, tmp_path / "s.zarr", channels=["t850"], doy_climatology=False, progress=False)
+    small = synthetic_store(S.six_hourly("2000-01-01", 6), ["t850"], (6, 8), doy_climatology=False)
     with pytest.raises(DataError, match="lat size 6 is not divisible by the mesh's 'height' axis"):
         make_train_iterator(small, mesh=_mesh((1, 1, 4, 2)), batch_size=2)
     with pytest.raises(DataError, match="only 5 windows for a global batch of 8"):

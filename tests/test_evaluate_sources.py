@@ -4,7 +4,6 @@ the original's ``time_means.npy`` and WeatherBench 2 zarr; FourCastNet ``inferen
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import random_model
 
 from fcn_jax import evaluate
 from fcn_jax.checkpoints import package as model_ckpt
@@ -13,6 +12,7 @@ from fcn_jax.data.channels import FCN_HDF5_LAYOUT
 from fcn_jax.data.prepare import prepare
 from fcn_jax.data.readers import open_source
 from fcn_jax.inference.files import ForecastError, write_forecast
+from tests.helpers import random_model
 
 CHANNELS = ["z500", "t850", "t2m"]
 # the original's grid in miniature: 17 rows 90 .. -90 with both poles (ERA5's 721); the model sees the first 16

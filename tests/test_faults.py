@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import logged_losses, world_overrides
 
 from fcn_jax.checkpoints import integrity
 from fcn_jax.checkpoints.train_state import CheckpointDamagedError, CheckpointSpaceError, RunCheckpoints, abstract_like
+from tests.helpers import logged_losses, world_overrides
 
 
 def _overrides(store, **train):
@@ -151,6 +151,29 @@ def test_verify_command_reports_damage_without_changing_anything(tmp_path, capsy
     out = capsys.readouterr().out
     assert "DAMAGED  step 2" in out and name in out
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+
+
+def test_verify_tells_nothing_to_verify_and_missing_apart_from_damage(tmp_path, capsys):
+    from fcn_jax.checkpoint import main
+    from fcn_jax.train import main as train_main
+
+    empty = tmp_path / "new_run"
+    (empty / "checkpoints").mkdir(parents=True)  # a run that has not saved yet
+    assert main(["verify", str(empty)]) == 6
+    out = capsys.readouterr().out
+    assert "nothing" in out and "DAMAGED" not in out and "not damage" in out
+    assert main(["verify", str(tmp_path / "no_such_run")]) == 2
+    out = capsys.readouterr().out
+    assert "no such file or directory" in out and "DAMAGED" not in out
+    assert train_main(["world", "--workdir", str(empty), "--verify-checkpoints"]) == 6
+    run = tmp_path / "run"
+    _two_steps(run / "checkpoints").close()
+    damage(run / "checkpoints" / "2", "damaged")
+    # several paths: damage outranks a missing path, which outranks nothing to verify
+    assert main(["verify", str(empty), str(tmp_path / "no_such_run"), str(run)]) == 1
+    assert "DAMAGED checkpoints found" in capsys.readouterr().out
+    assert main(["verify", str(empty), str(tmp_path / "no_such_run")]) == 2
+    assert "DAMAGED" not in capsys.readouterr().out
 
 
 def test_seal_adds_manifests_only_where_missing(tmp_path, capsys):
@@ -313,15 +336,6 @@ def test_second_process_on_a_live_run_directory_is_refused(tmp_path):
 
 
 # ------------------------------------------------------- training-level faults
-@pytest.fixture(scope="module")
-def store():
-    """The small world of tests/test_training.py (40 days), cached like the demo's world."""
-    from fcn_jax.data.catalog import world_store
-    from fcn_jax.data.world import WorldSpec
-
-    return str(world_store(spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-
-
 def _store_copy(store, tmp_path) -> Path:
     dst = tmp_path / "store.zarr"
     shutil.copytree(store, dst)
@@ -340,11 +354,11 @@ def _batch_windows(store, cfg, batch: int):
 
 
 @pytest.mark.slow
-def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, tmp_path):
+def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(world_store, tmp_path):
     from fcn_jax.config import load_experiment
     from fcn_jax.training.loop import train
 
-    cfg = load_experiment("world", _overrides(store))
+    cfg = load_experiment("world", _overrides(world_store))
     train(cfg, tmp_path / "ref", progress=False)
     reference = logged_losses(tmp_path / "ref")
 
@@ -362,17 +376,17 @@ def test_resume_after_damaged_latest_checkpoint_matches_an_undamaged_run(store, 
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=0), step
     from fcn_jax.checkpoints.package import verify_path
 
-    ok, lines = verify_path(run)
-    assert ok, lines
+    verdict, lines = verify_path(run)
+    assert verdict == "intact", lines
 
 
 @pytest.mark.slow
-def test_full_disk_during_training_stops_and_next_start_resumes(store, tmp_path, monkeypatch):
+def test_full_disk_during_training_stops_and_next_start_resumes(world_store, tmp_path, monkeypatch):
     from fcn_jax.checkpoints import train_state as checkpointing
     from fcn_jax.config import load_experiment
     from fcn_jax.training.loop import train
 
-    cfg = load_experiment("world", _overrides(store, steps=6))
+    cfg = load_experiment("world", _overrides(world_store, steps=6))
     real, calls = shutil.disk_usage, []
 
     def filling_up(path):  # room for the first two saves, then the disk is full
@@ -391,12 +405,12 @@ def test_full_disk_during_training_stops_and_next_start_resumes(store, tmp_path,
     assert summary["start_step"] == 4 and summary["final_step"] == 6
 
 
-def test_damaged_store_chunk_names_variable_time_and_chunk(store, tmp_path):
+def test_damaged_store_chunk_names_variable_time_and_chunk(world_store, tmp_path):
     from fcn_jax.config import load_experiment
     from fcn_jax.data.errors import DataError
     from fcn_jax.training.loop import train
 
-    bad_store = _store_copy(store, tmp_path)
+    bad_store = _store_copy(world_store, tmp_path)
     cfg = load_experiment("world", _overrides(str(bad_store), steps=8))
     # a time step first read in the batch of step 5 (so checkpoints 2 and 4 exist before it)
     seen = set()
@@ -421,11 +435,11 @@ def test_damaged_store_chunk_names_variable_time_and_chunk(store, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_window_read_of_a_damaged_chunk_names_it(store, tmp_path, kind):
+def test_window_read_of_a_damaged_chunk_names_it(world_store, tmp_path, kind):
     from fcn_jax.data.errors import DataError
     from fcn_jax.data.pipeline import WindowSource
 
-    bad_store = _store_copy(store, tmp_path)
+    bad_store = _store_copy(world_store, tmp_path)
     src = WindowSource(str(bad_store), None, rollout_steps=2, years="2000", stride=2)  # non-contiguous reads
     i = 10
     t = int(src._index[i][1])  # the middle step of window 10
@@ -437,15 +451,14 @@ def test_window_read_of_a_damaged_chunk_names_it(store, tmp_path, kind):
     np.testing.assert_array_equal(src[i + 3].shape, (3, 32, 64, 17))  # other windows still read
 
 
-def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):
+def test_nan_in_the_data_is_reported_with_step_and_time_stamps(world_store, tmp_path, data_mesh):
     import zarr
 
     from fcn_jax.config import load_experiment
     from fcn_jax.data.pipeline import make_train_iterator
-    from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.loop import NonFiniteLossError, train
 
-    bad_store = _store_copy(store, tmp_path)
+    bad_store = _store_copy(world_store, tmp_path)
     arr = zarr.open_array(str(bad_store / "fields"), mode="r+")
     poisoned = [40, 90, 130]
     for t in poisoned:  # NaN that got into the store after prepare
@@ -454,9 +467,8 @@ def test_nan_in_the_data_is_reported_with_step_and_time_stamps(store, tmp_path):
         arr[t] = x
     cfg = load_experiment("world", _overrides(str(bad_store), steps=20, checkpoint_every=4))
     # which step meets a NaN, found by reading the batches through the real pipeline (no shortcut)
-    mesh = make_mesh((8, 1, 1, 1))
-    with jax.set_mesh(mesh):
-        it = make_train_iterator(str(bad_store), mesh=mesh, batch_size=8, channels=list(cfg.data.channels),
+    with jax.set_mesh(data_mesh):
+        it = make_train_iterator(str(bad_store), mesh=data_mesh, batch_size=8, channels=list(cfg.data.channels),
                                  years="2000", seed=cfg.train.seed, normalize=False)
         first_bad = next(b for b in range(20) if not np.isfinite(np.asarray(next(it))).all()) + 1
     with pytest.raises(NonFiniteLossError) as err:

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_fcn as ref
 from flax import nnx
 
 from fcn_jax.config import ModelConfig
 from fcn_jax.convert import checkpoint_layout, model_from_params, state_dict_to_params
 from fcn_jax.model.afnonet import AFNONet, PrecipNet, count_params
+from tests import reference_fcn as ref
 
 # Small configurations with the published structure: square and non-square token
 # grids, odd longitude token counts, fractional hard thresholding (which keeps the

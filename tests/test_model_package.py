@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import random_model, write_grib
 
 from fcn_jax import checkpoint as checkpoint_cli
 from fcn_jax import convert, forecast
@@ -18,6 +17,7 @@ from fcn_jax.data.channels import FCN_20, FCN_HDF5_LAYOUT
 from fcn_jax.data.errors import DataError
 from fcn_jax.inference.files import read_forecast
 from fcn_jax.inference.rollout import rollout
+from tests.helpers import random_model, write_grib
 
 H, W = 16, 32  # the model grid: the first 16 rows of a 17-row pole-to-pole grid (as 720 of 721)
 CFG = ModelConfig(img_size=(H, W), patch_size=(4, 4), in_channels=20, out_channels=20, embed_dim=16, depth=1,

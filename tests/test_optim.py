@@ -49,6 +49,42 @@ def test_linear_warmup_then_cosine_and_constant():
     np.testing.assert_allclose(_lr(c, [0, 2, 4, 30, 49]), [0.0, 1.5e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6, atol=1e-12)
 
 
+def _optax_schedule(lr, steps, schedule, warmup_steps, steps_per_epoch):
+    """The same learning rate built from optax's own schedules: linear warm-up from 0, then a cosine to 0 over the
+    rest of the run -- per step, or per epoch (a cosine over the whole epochs, evaluated at the epoch index)."""
+    if schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif steps_per_epoch:
+        per_epoch = optax.cosine_decay_schedule(lr, decay_steps=(steps - warmup_steps) // steps_per_epoch, alpha=0.0)
+
+        def main(n):
+            return per_epoch(n // steps_per_epoch)
+    elif warmup_steps:
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps=steps, end_value=0.0)
+    else:
+        main = optax.cosine_decay_schedule(lr, decay_steps=steps, alpha=0.0)
+    if not warmup_steps:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+@pytest.mark.parametrize("lr, steps, schedule, warmup_steps, steps_per_epoch", [
+    (5e-4, 100, "cosine", 0, 0),
+    (2e-3, 110, "cosine", 10, 0),
+    (1e-4, 35, "cosine", 0, 7),  # the original: 5 epochs of 7 steps
+    (1e-4, 40, "cosine", 3, 7),  # warm-up, then 5 whole epochs and 2 steps of a sixth
+    (3e-4, 50, "constant", 4, 0),
+    (3e-4, 50, "constant", 0, 0),
+])
+def test_schedule_equals_optax_at_every_step(lr, steps, schedule, warmup_steps, steps_per_epoch):
+    cfg = _cfg(lr=lr, steps=steps, schedule=schedule, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch)
+    every = np.arange(steps + 10)  # and past the end
+    ref = _lr(_optax_schedule(lr, steps, schedule, warmup_steps, steps_per_epoch), every)
+    got = _lr(make_schedule(cfg), every)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7 * lr)
+    assert got.max() == pytest.approx(lr, rel=1e-6)  # peaks at lr, whatever the shape
+
+
 def test_adam_step_matches_the_closed_form():
     """One Adam step as PyTorch's (bias-corrected, eps outside the sqrt) at the schedule's first rate."""
     cfg = _cfg(lr=1e-2, steps=10, schedule="constant", warmup_steps=0, grad_clip=0.0, optimizer="adam")

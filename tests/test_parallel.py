@@ -9,16 +9,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import max_rel as _max_rel
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fcn_jax.config import ModelConfig
 from fcn_jax.model.afnonet import AFNONet, PrecipNet, shard_model
+from fcn_jax.parallel.axes import WINDOW_SPEC
 from fcn_jax.parallel.hlo import collective_counts, collective_shapes
 from fcn_jax.parallel.mesh import MeshError, MeshSizes, build_mesh, make_mesh, resolve_shape, validate_layout
 from fcn_jax.parallel.ops import layer_norm
 from fcn_jax.training.step import init_train_state, make_loss_fn, make_train_step
+from tests.helpers import max_rel as _max_rel
 
 # Realistic structure at a small size: an 8x16 token grid, 8 AFNO blocks, a
 # truncating filter (fraction 1 keeps 5 of 9 longitude bins, as 46 of 91 in the
@@ -34,7 +35,6 @@ FAST_MESHES = {(1, 1, 1, 1), (8, 1, 1, 1), (1, 1, 2, 4), (1, 2, 2, 2), (2, 2, 2,
 
 def _mesh_params(shapes, fast):
     return [pytest.param(s, id="x".join(map(str, s)), marks=() if s in fast else pytest.mark.slow) for s in shapes]
-WINDOW_SPEC = P("data", None, "height", "width", None)
 
 
 def _window(k=1, seed=1):

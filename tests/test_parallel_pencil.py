@@ -19,8 +19,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import max_rel as _max_rel
-from helpers import toy_loss_fn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +35,8 @@ from fcn_jax.parallel.mesh import (
     use_spectral_layout,
     validate_layout,
 )
+from tests.helpers import logged_losses, toy_loss_fn, world_overrides
+from tests.helpers import max_rel as _max_rel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -249,23 +249,16 @@ def test_self_test_passes_pencil_meshes_on_16_devices():
 
 
 @pytest.mark.slow
-def test_training_resumes_from_channel_block_onto_pencil(tmp_path):
+def test_training_resumes_from_channel_block_onto_pencil(world_store, tmp_path):
     """4 steps on (8,1,1,1), 4 more with the pencil layout on (2,1,2,2): same losses as 8 straight steps.
 
     The checkpoint holds global arrays; restoring it reshards the spectral weights from
     the channel-block layout (blocks over channel x width x height) to the pencil's.
     """
     from fcn_jax.config import load_experiment
-    from fcn_jax.data.catalog import world_store
-    from fcn_jax.data.world import WorldSpec
     from fcn_jax.training.loop import train
 
-    store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-    ov = [f"{k}={v}" for k, v in {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8, "train.batch_size": 8,
-        "train.steps": 8, "train.log_every": 1, "train.validate_every": 100, "train.checkpoint_every": 2,
-        "train.validate_batches": 1, "train.warmup_steps": 0}.items()]
+    ov = world_overrides(world_store, validate_every=100)
     first = load_experiment("world", [*ov, "mesh.data=8"])
     train(first, tmp_path / "a", progress=False, max_steps=4)
     second = load_experiment("world", [*ov, "mesh.data=2", "mesh.height=2", "mesh.width=2",
@@ -274,11 +267,6 @@ def test_training_resumes_from_channel_block_onto_pencil(tmp_path):
     assert summary["start_step"] == 4 and summary["final_step"] == 8
     assert summary["spectral_layout"] == "pencil"
     assert train(first, tmp_path / "b", progress=False)["spectral_layout"] == "channel_block"
-
-    def losses(workdir):
-        recs = [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
-
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
     for step in range(1, 9):
         assert a[step] == pytest.approx(b[step], rel=2e-5), step

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import max_rel as _max_rel
-from helpers import toy_loss_fn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +35,8 @@ from fcn_jax.parallel.mesh import (
     validate_layout,
 )
 from fcn_jax.parallel.pipeline import stack_blocks, stack_model, unstack_model
+from tests.helpers import logged_losses, toy_loss_fn, world_overrides
+from tests.helpers import max_rel as _max_rel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -271,22 +271,15 @@ def test_checkpoints_restore_across_stage_counts(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_resumes_from_one_stage_onto_two(tmp_path):
+def test_training_resumes_from_one_stage_onto_two(world_store, tmp_path):
     """4 steps on (8,1,1,1), 4 more pipelined on (2,1,2,1) x 2 stages: same losses as 8 straight steps.
 
     The checkpoint holds per-block global arrays; the pipelined run restores them
     into its stacked, stage-split parameters and Adam moments.
     """
-    from fcn_jax.data.catalog import world_store
-    from fcn_jax.data.world import WorldSpec
     from fcn_jax.training.loop import train
 
-    store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-    ov = [f"{k}={v}" for k, v in {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 2, "model.num_blocks": 8, "train.batch_size": 8,
-        "train.steps": 8, "train.log_every": 1, "train.validate_every": 100, "train.checkpoint_every": 2,
-        "train.validate_batches": 1, "train.warmup_steps": 0}.items()]
+    ov = world_overrides(world_store, validate_every=100, **{"model.depth": 2})
     first = load_experiment("world", [*ov, "mesh.data=8"])
     train(first, tmp_path / "a", progress=False, max_steps=4)
     second = load_experiment("world", [*ov, "mesh.data=2", "mesh.height=2", "mesh.stage=2", "train.microbatches=2"])
@@ -295,12 +288,7 @@ def test_training_resumes_from_one_stage_onto_two(tmp_path):
     assert (summary["stage"], summary["microbatches"]) == (2, 2)
     assert summary["bubble_fraction"] == pytest.approx(1 / 3)
     train(first, tmp_path / "b", progress=False)
-
-    def losses(workdir):
-        recs = [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
-
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
     for step in range(1, 9):
         assert a[step] == pytest.approx(b[step], rel=2e-5), step
     # the exported model holds per-block weights, loadable on any mesh
@@ -311,20 +299,12 @@ def test_training_resumes_from_one_stage_onto_two(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_pipelined_match_one_unpipelined(tmp_path):
+def test_two_processes_pipelined_match_one_unpipelined(world_store, tmp_path):
     """2 processes x 8 emulated devices on (2,1,2,2) x 2 stages: the losses of 8 devices without pipelining."""
-    from multiproc import free_port
-
-    from fcn_jax.data.catalog import world_store
-    from fcn_jax.data.world import WorldSpec
     from fcn_jax.training.loop import train
+    from tests.multiproc import free_port
 
-    store = str(world_store(tmp_path / "world", spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-    ov = [f"{k}={v}" for k, v in {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 2, "model.num_blocks": 8, "train.batch_size": 8,
-        "train.steps": 3, "train.log_every": 1, "train.validate_every": 3, "train.checkpoint_every": 3,
-        "train.validate_batches": 1, "train.warmup_steps": 0}.items()]
+    ov = world_overrides(world_store, validate_every=3, steps=3, checkpoint_every=3, **{"model.depth": 2})
     train(load_experiment("world", [*ov, "mesh.data=8"]), tmp_path / "one", progress=False)
     piped = [*ov, "mesh.data=2", "mesh.height=2", "mesh.width=2", "mesh.stage=2"]
     port = free_port()
@@ -340,12 +320,7 @@ def test_two_processes_pipelined_match_one_unpipelined(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "pipeline: 2 stages x 4 microbatches per data shard, GPipe bubble 0.200" in outs[0][0]
-
-    def losses(workdir):
-        recs = [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in recs if "loss" in r and r.get("kind") != "validation"}
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from fcn_jax.config import ModelConfig, TrainConfig
+from fcn_jax.parallel import hlo
 from fcn_jax.parallel.mesh import MeshSizes
 from fcn_jax.perfmodel import compiler
 from fcn_jax.perfmodel import model as pm
@@ -55,7 +56,7 @@ def test_sharded_flops_params_and_collectives_match_compiler(mesh, layout):
     assert pm.optimizer_bytes_per_device(cfg, s.mesh, layout) == got["optimizer_bytes_per_device"]
     # collective bytes per kind equal to the compiled HLO
     pred = w.collective_bytes()
-    for op in compiler.OPS:
+    for op in hlo.COLLECTIVES:
         # all-reduce: within 5e-4 (under 100 bytes of loss/metric scalars, see layouts.scalar_reductions)
         rel = 5e-4 if op == "all-reduce" else 1e-9
         assert pred.get(op, 0.0) == pytest.approx(got["collective_bytes"][op], rel=rel, abs=1.0), op
@@ -72,8 +73,8 @@ def test_param_and_optimizer_bytes_exact_published_model():
             _, state, _, n = compiler.abstract_train_inputs(cfg, mesh, tx, shape[0])
             sizes = MeshSizes(*shape)
             assert pm.param_count(cfg) == n
-            assert pm.param_bytes_per_device(cfg, sizes) == compiler.local_bytes(state.params)
-            assert pm.optimizer_bytes_per_device(cfg, sizes, counts=counts) == compiler.local_bytes(state.opt_state)
+            assert pm.param_bytes_per_device(cfg, sizes) == hlo.local_bytes(state.params)
+            assert pm.optimizer_bytes_per_device(cfg, sizes, counts=counts) == hlo.local_bytes(state.opt_state)
 
 
 def test_cli_json_contract(capsys):

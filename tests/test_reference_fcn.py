@@ -9,7 +9,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-import reference_fcn as R
+
+from tests import reference_fcn as R
 
 TINY = R.RefConfig(img_size=(32, 64), patch_size=(8, 8), in_chans=3, out_chans=2,
                    embed_dim=32, depth=2, mlp_ratio=4.0, num_blocks=4)

@@ -7,7 +7,6 @@ against ``torch.save`` / ``torch.load(weights_only=True)``.
 """
 
 import collections
-import importlib.util
 import io
 import os
 import pickle
@@ -21,11 +20,9 @@ import numpy as np
 import pytest
 
 from fcn_jax import torch_format as tf
+from tests.fixtures import make_torch_fixtures as fx
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-_spec = importlib.util.spec_from_file_location("make_torch_fixtures", FIXTURES / "make_torch_fixtures.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
 
 
 def assert_same(got, expected):

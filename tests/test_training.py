@@ -11,27 +11,18 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import logged_losses, world_overrides
 
 from fcn_jax.config import load_experiment
-from fcn_jax.data.catalog import world_store
-from fcn_jax.data.world import WorldSpec
 from fcn_jax.training.loop import NonFiniteLossError, train
+from tests.helpers import logged_losses, world_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A small world: 40 days of the Held-Suarez atmosphere after a short spin-up."""
-    root = tmp_path_factory.mktemp("world")
-    return str(world_store(root, spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-
-
 @pytest.mark.slow
-def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
+def test_pretrain_then_finetune_through_entry_points(world_store, tmp_path):
     pre = tmp_path / "pre"
-    cfg = load_experiment("world", world_overrides(store))
+    cfg = load_experiment("world", world_overrides(world_store))
     summary = train(cfg, pre, progress=False)
     assert summary["final_step"] == 8
     assert (pre / "config.yaml").is_file() and (pre / "model_best" / "model.json").is_file()
@@ -40,13 +31,13 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     from fcn_jax.checkpoints.package import read_package
     from fcn_jax.data.store import StoreInfo
 
-    pkg, info = read_package(pre / "model_best"), StoreInfo.read(store)
+    pkg, info = read_package(pre / "model_best"), StoreInfo.read(world_store)
     assert pkg.channels == tuple(cfg.data.channels) and pkg.has_stats and pkg.has_climatology
     np.testing.assert_array_equal(pkg.mean, info.mean[info.index_of(cfg.data.channels)])
     np.testing.assert_array_equal(pkg.std, info.std[info.index_of(cfg.data.channels)])
     np.testing.assert_array_equal(pkg.lat, info.lat)
     np.testing.assert_array_equal(pkg.climatology()["time_mean"].values, info.time_mean(cfg.data.channels))
-    assert pkg.provenance["store"] == str(Path(store).resolve()) and pkg.provenance["experiment"] == cfg.name
+    assert pkg.provenance["store"] == str(Path(world_store).resolve()) and pkg.provenance["experiment"] == cfg.name
     recs = [json.loads(l) for l in (pre / "metrics.jsonl").read_text().splitlines()]
     train_recs = [r for r in recs if r.get("kind") != "validation"]
     assert {"step", "loss", "lr", "samples_per_s"} <= set(train_recs[0])
@@ -59,7 +50,7 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     ft = tmp_path / "ft"
     proc = subprocess.run(
         [sys.executable, "-m", "fcn_jax.train", "world_finetune", "--workdir", str(ft), "--no-progress",
-         *sum((["--set", o] for o in world_overrides(store, steps=4, init_from=str(pre))), [])],
+         *sum((["--set", o] for o in world_overrides(world_store, steps=4, init_from=str(pre))), [])],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,16 +62,16 @@ def test_pretrain_then_finetune_through_entry_points(store, tmp_path):
     assert val["lead_hours"] == [6, 12] and len(val["rmse"]["z500"]) == 2
 
 
-def test_loss_decreases_on_a_fixed_batch(store):
+def test_loss_decreases_on_a_fixed_batch(world_store):
     from fcn_jax.data.pipeline import make_train_iterator
     from fcn_jax.model.afnonet import build_model
     from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.step import init_train_state, make_train_step
 
-    cfg = load_experiment("world", world_overrides(store))
+    cfg = load_experiment("world", world_overrides(world_store))
     mesh = make_mesh((1, 1, 1, 1))
     with jax.set_mesh(mesh):
-        it = make_train_iterator(store, mesh=mesh, batch_size=4, channels=list(cfg.data.channels), years="2000")
+        it = make_train_iterator(world_store, mesh=mesh, batch_size=4, channels=list(cfg.data.channels), years="2000")
         batch = next(it)
         tx = optax.adam(3e-3)
         graphdef, state = init_train_state(build_model(cfg.model, seed=0), tx)
@@ -111,8 +102,8 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigkill(store, tmp_path):
-    ov = world_overrides(store, steps=12, validate_every=100)
+def test_exact_resume_after_sigkill(world_store, tmp_path):
+    ov = world_overrides(world_store, steps=12, validate_every=100)
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(ref, ov), check=True, capture_output=True, timeout=600, cwd=REPO)
     reference = logged_losses(ref)
@@ -135,9 +126,9 @@ def test_exact_resume_after_sigkill(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_onto_another_mesh(store, tmp_path):
+def test_resume_onto_another_mesh(world_store, tmp_path):
     # 4 steps on (8,1,1,1), then continue on (2,2,2,1): the checkpoint reshards on restore
-    ov = world_overrides(store, steps=8, validate_every=100)
+    ov = world_overrides(world_store, steps=8, validate_every=100)
     first = load_experiment("world", [*ov, "mesh.data=8"])
     train(first, tmp_path / "a", progress=False, max_steps=4)
     second = load_experiment("world", [*ov, "mesh.data=2", "mesh.channel=2", "mesh.height=2"])
@@ -150,8 +141,8 @@ def test_resume_onto_another_mesh(store, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=2e-5), step
 
 
-def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
-    ov = world_overrides(store, steps=1000, checkpoint_every=500, validate_every=1000)
+def test_sigterm_saves_and_exits_cleanly(world_store, tmp_path):
+    ov = world_overrides(world_store, steps=1000, checkpoint_every=500, validate_every=1000)
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, ov), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO)
@@ -167,11 +158,11 @@ def test_sigterm_saves_and_exits_cleanly(store, tmp_path):
     assert steps and steps[-1] == max(logged_losses(run)) and steps[-1] < 500
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world_store, tmp_path):
     from fcn_jax.checkpoints.train_state import RunCheckpoints
 
-    cfg = load_experiment("world", world_overrides(store, lr=1e12, checkpoint_every=1, log_every=1, steps=20,
-                                              validate_every=100))
+    cfg = load_experiment("world", world_overrides(world_store, lr=1e12, checkpoint_every=1, log_every=1, steps=20,
+                                                   validate_every=100))
     with pytest.raises(NonFiniteLossError, match=r"NaN or Inf by step \d+.*last good checkpoint is step \d+"):
         train(cfg, tmp_path / "run", progress=False)
     ck = RunCheckpoints(tmp_path / "run" / "checkpoints")
@@ -187,10 +178,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(store, tmp_path):
-    from multiproc import run_one_and_two_processes
+def test_two_processes_match_one(world_store, tmp_path):
+    from tests.multiproc import run_one_and_two_processes
 
-    ov = world_overrides(store, steps=4, validate_every=4, checkpoint_every=4)
+    ov = world_overrides(world_store, steps=4, validate_every=4, checkpoint_every=4)
     run_one_and_two_processes(lambda wd, *extra: _train_cmd(wd, ov, *extra), tmp_path / "one", tmp_path / "two")
     a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]

@@ -19,56 +19,38 @@ import xarray as xr
 from fcn_jax.config import load_experiment
 from fcn_jax.data.channels import WORLD
 from fcn_jax.data.errors import DataError
-from fcn_jax.data.catalog import world_store
-from fcn_jax.data.world import WORLD_STORE_CHANNELS, WorldSpec, accumulate_6h, large_scale_precip_rate
+from fcn_jax.data.world import WORLD_STORE_CHANNELS, accumulate_6h, large_scale_precip_rate
 from fcn_jax.training.loop import train
+from tests.helpers import logged_losses, world_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A small world: 40 days of the Held-Suarez atmosphere after a short spin-up."""
-    root = tmp_path_factory.mktemp("world")
-    return str(world_store(root, spec=WorldSpec(seed=0, days=40, spinup_days=10), progress=False))
-
-
-@pytest.fixture(scope="module")
-def backbone(store, tmp_path_factory):
+def backbone(world_store, tmp_path_factory):
     """A fresh (untrained) tiny world backbone saved as a model checkpoint: the frozen wind model."""
     from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
 
-    cfg = load_experiment("world", _overrides(store, "unused"))
+    cfg = load_experiment("world", _overrides(world_store, "unused"))
     path = tmp_path_factory.mktemp("backbone") / "model"
     model_ckpt.save_model(path, build_model(cfg.model, seed=1))
     return str(path)
 
 
 def _overrides(store, backbone, **train):
-    """Tiny models, one data year (2000) for training and validation, a few steps."""
-    base = {
-        "data.store": store, "data.train_years": "[2000,2000]", "data.valid_years": "[2000,2000]",
-        "model.embed_dim": 32, "model.depth": 1, "model.num_blocks": 8,
-        "mesh.data": -1, "train.batch_size": 8, "train.steps": 6, "train.log_every": 1,
-        "train.validate_every": 3, "train.checkpoint_every": 3, "train.validate_batches": 1,
-        "train.warmup_steps": 0, "train.backbone_checkpoint": backbone, "train.rollout_steps": 1,
-    }
-    base.update({f"train.{k}": v for k, v in train.items()})
-    return [f"{k}={v}" for k, v in base.items()]
+    """Tiny models on one data year (2000), a few steps, PrecipNet on the frozen ``backbone``."""
+    return world_overrides(store, **{"validate_every": 3, "steps": 6, "checkpoint_every": 3,
+                                     "backbone_checkpoint": backbone, "rollout_steps": 1, **train})
 
 
 def _records(workdir):
     return [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
 
 
-def _losses(workdir):
-    return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r and r.get("kind") != "validation"}
-
-
 # ------------------------------------------------------------------ the proxy
-def test_tp_proxy_is_a_non_negative_accumulation_ending_at_its_time(store):
-    ds = xr.open_zarr(store)
+def test_tp_proxy_is_a_non_negative_accumulation_ending_at_its_time(world_store):
+    ds = xr.open_zarr(world_store)
     assert tuple(ds["channel"].values) == WORLD_STORE_CHANNELS == (*WORLD, "tp")
     assert str(ds["channel_units"].sel(channel="tp").values) == "m"
     f = ds["fields"]
@@ -77,7 +59,7 @@ def test_tp_proxy_is_a_non_negative_accumulation_ending_at_its_time(store):
     assert 0.05 < (tp == 0).mean() < 0.95 and (tp > 1e-5).mean() > 0.05  # many dry points, many wet
     assert tp.max() < 0.05  # < 50 mm in 6 h on a 5.6-degree grid
     # The netCDF carries it as the CDS reader expects: a single-level variable in metres.
-    sl = xr.open_dataset(Path(store).parent / "netcdf" / "world_2000_single_levels.nc")
+    sl = xr.open_dataset(Path(world_store).parent / "netcdf" / "world_2000_single_levels.nc")
     assert sl["tp"].attrs["units"] == "m" and "ending at valid_time" in sl["tp"].attrs["comment"]
     sl.close()
 
@@ -109,16 +91,14 @@ def test_precip_rate_physics():
 
 
 # ------------------------------------------------------------------ the feed
-def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(store, backbone):
-    from fcn_jax.parallel.mesh import make_mesh
+def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(world_store, backbone, data_mesh):
     from fcn_jax.training.data_feed import open_feed
 
-    cfg = load_experiment("world_precip", _overrides(store, backbone))
-    mesh = make_mesh((8, 1, 1, 1))
-    ds = xr.open_zarr(store)
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone))
+    ds = xr.open_zarr(world_store)
     x = ds["fields"].transpose("time", "lat", "lon", "channel").values  # [time, lat, lon, C + 1]
-    with jax.set_mesh(mesh):
-        feed = open_feed(cfg, mesh)
+    with jax.set_mesh(data_mesh):
+        feed = open_feed(cfg, data_mesh)
         batch = feed.next_train()
         assert batch["fields"].shape == (8, 2, 32, 64, 16) and batch["tp"].shape == (8, 1, 32, 64, 1)
         assert feed.norm[0].shape == (16,) and feed.climatology.shape == (32, 64, 1)  # inputs only; tp's clim
@@ -131,21 +111,19 @@ def test_feed_pairs_the_state_at_t_with_tp_at_t_plus_1(store, backbone):
         np.testing.assert_array_equal(tp[b, 0, :, :, 0], x[t + 1, :, :, 16])
 
 
-def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone):
+def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(world_store, backbone, data_mesh):
     """rollout_steps = k: tp at t+1 .. t+k; PrecipNet on the backbone's 1 .. k-step states, per-lead loss."""
     from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
     from fcn_jax.normalize import normalize, precip_to_log
-    from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.data_feed import open_feed
     from fcn_jax.training.losses import relative_l2
     from fcn_jax.training.step import precip_forward
 
-    cfg = load_experiment("world_precip", _overrides(store, backbone, rollout_steps=3, precip_eps=1e-2))
-    mesh = make_mesh((8, 1, 1, 1))
-    x = xr.open_zarr(store)["fields"].transpose("time", "lat", "lon", "channel").values  # [time, lat, lon, C + 1]
-    with jax.set_mesh(mesh):
-        feed = open_feed(cfg, mesh)
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone, rollout_steps=3, precip_eps=1e-2))
+    x = xr.open_zarr(world_store)["fields"].transpose("time", "lat", "lon", "channel").values  # [t, lat, lon, C+1]
+    with jax.set_mesh(data_mesh):
+        feed = open_feed(cfg, data_mesh)
         batch = feed.next_train()
         mean, std = (np.asarray(a) for a in feed.norm)
         feed.close()
@@ -154,7 +132,7 @@ def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone)
         for b in range(8):
             t = int(np.nonzero((x[:, :, :, :16] == fields[b, 0]).all(axis=(1, 2, 3)))[0][0])
             np.testing.assert_array_equal(tp[b, :, :, :, 0], x[t + 1:t + 4, :, :, 16])
-        wind = model_ckpt.load_model(backbone, mesh=mesh)
+        wind = model_ckpt.load_model(backbone, mesh=data_mesh)
         pnet = build_model(cfg.model, seed=0)
         nbatch = {"fields": normalize(batch["fields"], mean, std), "tp": batch["tp"]}
         loss, per_lead, pred = precip_forward(pnet, wind, nbatch, 1e-2)
@@ -168,11 +146,11 @@ def test_multi_lead_precip_pairs_each_backbone_step_with_its_tp(store, backbone)
     assert float(loss) == pytest.approx(np.mean(want), rel=1e-5)
 
 
-def test_multi_lead_precip_through_the_loop_validates_every_lead(store, backbone, tmp_path):
+def test_multi_lead_precip_through_the_loop_validates_every_lead(world_store, backbone, tmp_path):
     """rollout_steps = 2 in the loop: training and validation records carry one loss and one tp score per lead."""
     run = tmp_path / "run"
-    cfg = load_experiment("world_precip", _overrides(store, backbone, steps=2, validate_every=2, checkpoint_every=2,
-                                                     rollout_steps=2, precip_eps=1e-2))
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone, steps=2, validate_every=2,
+                                                     checkpoint_every=2, rollout_steps=2, precip_eps=1e-2))
     assert train(cfg, run, progress=False)["final_step"] == 2
     steps = [r for r in _records(run) if "loss" in r and r.get("kind") != "validation"]
     assert all(len(r["loss_per_step"]) == 2 for r in steps)
@@ -185,34 +163,32 @@ def test_multi_lead_precip_through_the_loop_validates_every_lead(store, backbone
     assert all(0 < v < 0.05 for v in val["rmse"]["tp"])  # metres
 
 
-def test_store_without_tp_is_a_clear_error(store, backbone, tmp_path):
+def test_store_without_tp_is_a_clear_error(world_store, backbone, tmp_path):
     from fcn_jax.data.prepare import prepare
 
-    nc = sorted(str(p) for p in (Path(store).parent / "netcdf").glob("*.nc"))
+    nc = sorted(str(p) for p in (Path(world_store).parent / "netcdf").glob("*.nc"))
     dry = prepare(nc, tmp_path / "dry.zarr", channels=list(WORLD), doy_climatology=False, progress=False)
-    cfg = load_experiment("world_precip", _overrides(store, backbone) + [f"data.store={dry}"])
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone) + [f"data.store={dry}"])
     with pytest.raises(DataError, match=r"dry\.zarr: precipitation training .* needs the target channel 'tp'"
                                         r".*--channels u10,v10,.*,z250,tp"):
         train(cfg, tmp_path / "run", progress=False)
 
 
 # ------------------------------------------------------------------ training
-def test_precip_loss_decreases_on_a_fixed_batch(store, backbone):
+def test_precip_loss_decreases_on_a_fixed_batch(world_store, backbone, data_mesh):
     import optax
 
     from fcn_jax.checkpoints import package as model_ckpt
     from fcn_jax.model.afnonet import build_model
-    from fcn_jax.parallel.mesh import make_mesh
     from fcn_jax.training.data_feed import open_feed
     from fcn_jax.training.step import init_train_state, make_train_step
 
-    cfg = load_experiment("world_precip", _overrides(store, backbone))
-    mesh = make_mesh((8, 1, 1, 1))
-    with jax.set_mesh(mesh):
-        feed = open_feed(cfg, mesh)
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone))
+    with jax.set_mesh(data_mesh):
+        feed = open_feed(cfg, data_mesh)
         batch = feed.next_train()
         feed.close()
-        frozen = model_ckpt.load_model(backbone, mesh=mesh)
+        frozen = model_ckpt.load_model(backbone, mesh=data_mesh)
         tx = optax.adam(1e-2)
         graphdef, state = init_train_state(build_model(cfg.model, seed=0), tx)
         step = make_train_step(graphdef, tx, mode="precip", frozen=frozen, norm=feed.norm)
@@ -227,12 +203,12 @@ def test_precip_loss_decreases_on_a_fixed_batch(store, backbone):
 
 
 @pytest.mark.slow
-def test_precip_training_through_the_loop_and_the_cli(store, backbone, tmp_path):
+def test_precip_training_through_the_loop_and_the_cli(world_store, backbone, tmp_path):
     run = tmp_path / "run"
-    cfg = load_experiment("world_precip", _overrides(store, backbone))
+    cfg = load_experiment("world_precip", _overrides(world_store, backbone))
     summary = train(cfg, run, progress=False)
     assert summary["final_step"] == 6
-    assert all(np.isfinite(v) for v in _losses(run).values())
+    assert all(np.isfinite(v) for v in logged_losses(run).values())
     meta = json.loads((run / "model_best" / "model.json").read_text())
     assert meta["kind"] == "precip" and meta["model"]["out_channels"] == 1
     # the package: the backbone's input statistics, eps and tp's statistics (the forecast's bound)
@@ -248,29 +224,29 @@ def test_precip_training_through_the_loop_and_the_cli(store, backbone, tmp_path)
     cli = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "fcn_jax.train", "world_precip", "--workdir", str(cli), "--no-progress",
-         *sum((["--set", o] for o in _overrides(store, backbone, steps=3, validate_every=3)), [])],
+         *sum((["--set", o] for o in _overrides(world_store, backbone, steps=3, validate_every=3)), [])],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(_losses(cli)) == [1, 2, 3]
+    assert sorted(logged_losses(cli)) == [1, 2, 3]
     # the same seed and data order: the first steps repeat the in-process run
     for s in (1, 2, 3):
-        assert _losses(cli)[s] == pytest.approx(_losses(run)[s], rel=1e-5), s
+        assert logged_losses(cli)[s] == pytest.approx(logged_losses(run)[s], rel=1e-5), s
     assert json.loads((cli / "model_final" / "model.json").read_text())["kind"] == "precip"
 
 
 @pytest.mark.slow
-def test_precip_two_processes_match_one(store, backbone, tmp_path):
-    from multiproc import run_one_and_two_processes
+def test_precip_two_processes_match_one(world_store, backbone, tmp_path):
+    from tests.multiproc import run_one_and_two_processes
 
-    ov = _overrides(store, backbone, steps=4, validate_every=4, checkpoint_every=4)
+    ov = _overrides(world_store, backbone, steps=4, validate_every=4, checkpoint_every=4)
 
     def cmd(workdir, *extra):
         return [sys.executable, "-m", "fcn_jax.train", "world_precip", "--workdir", str(workdir), "--no-progress",
                 *sum((["--set", o] for o in ov), []), *extra]
 
     run_one_and_two_processes(cmd, tmp_path / "one", tmp_path / "two")
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    a, b = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step

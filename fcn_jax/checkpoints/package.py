@@ -50,7 +50,8 @@ import jax
 from flax import nnx
 
 from fcn_jax.checkpoints import integrity
-from fcn_jax.config import ModelConfig, _build_section
+from fcn_jax.config import ModelConfig, build_section
+from fcn_jax.errors import EXIT_CHECK_FAILED, EXIT_INPUT, EXIT_NOTHING_TO_VERIFY, EXIT_OK
 
 #: Format of ``model.json``: 2 adds the package (channels, statistics, grid, climatology, provenance).
 FORMAT = "fcn_jax.model/2"
@@ -131,7 +132,7 @@ def read_model_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an fcn_jax model checkpoint: {path} is missing")
     meta = json.loads(path.read_text())
-    return _build_section(ModelConfig, meta["model"], f"{path}: model")
+    return build_section(ModelConfig, meta["model"], f"{path}: model")
 
 
 # ------------------------------------------------------------------ the package
@@ -442,16 +443,26 @@ def describe_package(pkg: ModelPackage) -> str:
     return "\n".join(lines)
 
 
-def verify_path(path: str | Path) -> tuple[bool, list[str]]:
+#: :func:`verify_path`'s verdicts, and the exit status ``checkpoint verify`` gives each (fcn_jax.errors).
+VERIFY_EXIT = {"intact": EXIT_OK, "damaged": EXIT_CHECK_FAILED, "nothing": EXIT_NOTHING_TO_VERIFY,
+               "missing": EXIT_INPUT}
+
+
+def verify_path(path: str | Path) -> tuple[str, list[str]]:
     """Verify a run directory (its checkpoint steps and exported models), a ``checkpoints/`` directory or a model.
 
-    Returns (everything intact, report lines). Changes nothing.
+    Returns ``(verdict, report lines)``; the verdict is ``"intact"``,
+    ``"damaged"`` (something failed its integrity check), ``"nothing"`` (no
+    checkpoint step or model there yet: not damage) or ``"missing"`` (no such
+    path). Changes nothing.
     """
     from fcn_jax.checkpoints.train_state import TMP_SUFFIX, verify_step_dir
 
     path = Path(path).resolve()
     lines: list[str] = []
     ok = True
+    if not path.exists():
+        return "missing", [f"missing  {path}: no such file or directory"]
 
     def report(label: str, d: Path, problems: list[str]) -> None:
         nonlocal ok
@@ -464,7 +475,7 @@ def verify_path(path: str | Path) -> tuple[bool, list[str]]:
 
     if (path / "model.json").is_file():
         report("model", path, integrity.verify(path))
-        return ok, lines
+        return ("intact" if ok else "damaged"), lines
     ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted((int(p.name), p) for p in ckdir.iterdir() if p.is_dir() and p.name.isdigit()) \
         if ckdir.is_dir() else []
@@ -480,9 +491,20 @@ def verify_path(path: str | Path) -> tuple[bool, list[str]]:
         moved = sorted(p.name for p in damaged.iterdir() if p.is_dir())
         lines.append(f"note     {len(moved)} damaged step(s) set aside earlier in {damaged}: {moved}")
     if not steps and not models:
-        ok = False
-        lines.append(f"nothing to verify in {path}: no checkpoint steps, model_best/ or model_final/")
-    return ok, lines
+        lines.append(f"nothing   {path}: no checkpoint steps, model_best/ or model_final/ yet (not damage)")
+        return "nothing", lines
+    return ("intact" if ok else "damaged"), lines
+
+
+def verify_summary(verdicts: list[str]) -> tuple[int, str]:
+    """``(exit status, summary line)`` of several :func:`verify_path` verdicts: damage outranks a missing
+    path, which outranks nothing to verify."""
+    for worst, line in (("damaged", "DAMAGED checkpoints found (see above)"),
+                        ("missing", "a path does not exist (see above)"),
+                        ("nothing", "nothing to verify (no checkpoint or model yet; not damage)")):
+        if worst in verdicts:
+            return VERIFY_EXIT[worst], line
+    return VERIFY_EXIT["intact"], "all intact"
 
 
 def seal_path(path: str | Path) -> list[str]:

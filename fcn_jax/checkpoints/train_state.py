@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from fcn_jax.checkpoints import integrity
+from fcn_jax.distributed import committed_step_note
 from fcn_jax.errors import EXIT_DAMAGED, EXIT_NO_SPACE, FcnError
 
 #: Orbax's temporary step-directory suffix (a step is saved as ``STEP`` + this, then renamed).
@@ -189,6 +190,14 @@ class RunCheckpoints:
             if not self.verify(step):
                 return step
         return None
+
+    def resume_note(self) -> str:
+        """Which step a rerun resumes from, judged from the directory alone (cheap: no step is read).
+
+        The newest step that is committed (its final name) and sealed (its
+        manifest written): what :meth:`restore_latest` will verify and take.
+        """
+        return committed_step_note(self.directory, integrity.MANIFEST)
 
     def best_step(self) -> int | None:
         """The step with the lowest recorded validation loss among those kept."""

@@ -51,7 +51,6 @@ _LAZY = {
     "TrainIterator": "fcn_jax.data.pipeline",
     "Normalizer": "fcn_jax.data.pipeline",
     "read_plan": "fcn_jax.data.pipeline",
-    "WINDOW_SPEC": "fcn_jax.data.pipeline",
 }
 
 __all__ = ["CHANNEL_SETS", "FCN_20", "FCN_26", "WORLD", "Channel", "DataError", "get_channel",

@@ -28,6 +28,7 @@ import dataclasses
 import re
 from typing import Iterable, Sequence
 
+from fcn_jax.config import FCN_CHANNELS
 from fcn_jax.data.errors import DataError
 
 #: Standard gravity (WMO), used to turn geopotential height (m) into
@@ -149,11 +150,9 @@ def get_channel(name: str) -> Channel:
     )
 
 
-#: The original FourCastNet channels, in the original order (index = position).
-FCN_20: tuple[str, ...] = (
-    "u10", "v10", "t2m", "sp", "msl", "t850", "u1000", "v1000", "z1000", "u850",
-    "v850", "z850", "u500", "v500", "z500", "t500", "z50", "r500", "r850", "tcwv",
-)  # fmt: skip
+#: The original FourCastNet channels, in the original order (index = position); defined in
+#: :data:`fcn_jax.config.FCN_CHANNELS` (the configuration's default, a lower layer).
+FCN_20: tuple[str, ...] = FCN_CHANNELS
 
 #: FourCastNet v0.1: the 20 plus 100 m winds and the 250 hPa level.
 FCN_26: tuple[str, ...] = FCN_20 + ("u100", "v100", "u250", "v250", "z250", "t250")

@@ -47,8 +47,6 @@ from fcn_jax.data.stats import N_DOY, day_of_year_and_hour
 #: ``auto`` builds the day-of-year x hour climatology from this many years of statistics data.
 DOY_HOUR_MIN_YEARS = 3.0
 
-MODES = ("auto", "time-mean", "doy-hour")
-
 
 def span_years(times: np.ndarray, step: np.timedelta64) -> float:
     """Years covered by ``times`` (count x step / 365.25 days): gaps do not count."""

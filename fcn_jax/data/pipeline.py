@@ -21,7 +21,7 @@ Flow (grain ``MapDataset`` API, spec/jax-notes.md §9)::
   ``[process_index::process_count]`` sharding, derived from the mesh instead
   of assumed.
 * Batches arrive as one global array ``[batch@data, k+1, lat@height, lon@width,
-  channel]`` (:data:`WINDOW_SPEC`), built with
+  channel]`` (:data:`fcn_jax.parallel.axes.WINDOW_SPEC`), built with
   ``jax.make_array_from_single_device_arrays``.
 * Normalisation (``(x - mean) / std`` per channel, store statistics) runs on the
   device inside ``jit`` (:class:`Normalizer`); the host only moves raw float32.
@@ -43,14 +43,10 @@ import grain
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from fcn_jax.data.errors import DataError
 from fcn_jax.normalize import Normalizer  # the one normaliser; re-exported for the pipeline's users
-from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH
-
-#: Layout of a batch of windows: x: [batch@data, time (k+1), lat@height, lon@width, channel].
-WINDOW_SPEC = P(DATA, None, HEIGHT, WIDTH, None)
+from fcn_jax.parallel.axes import DATA, HEIGHT, WIDTH, WINDOW_SPEC
 
 
 # ----------------------------------------------------------------- the source

@@ -22,8 +22,10 @@ removed: no partial output is ever left behind. ``.nc`` is NetCDF-4 (netCDF4),
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -120,11 +122,47 @@ _TIME_ENCODING = {
 }
 
 
-class ForecastWriter:
-    """Write a forecast file chunk by chunk; atomic (temporary name, renamed by :meth:`close`).
+PARTIAL_SUFFIX = ".partial"
 
-    Use as a context manager: on an exception the temporary file is removed
-    and nothing appears at ``path``.
+
+def partial_outputs(path) -> list[Path]:
+    """The partial outputs (of any command) for ``path``: hidden ``.NAME.KEY.partial`` directories beside it."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}")) if path.parent.is_dir() else []
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ForecastWriter:
+    """Write a forecast file chunk by chunk, resumably; the file appears at ``path`` only when complete.
+
+    The chunks go to a staging zarr store in a hidden directory beside
+    ``path``; :meth:`close` turns it into the file (a rename for ``.zarr``, a
+    conversion for ``.nc``) and removes the directory.
+
+    * Without ``resume_key`` the directory has a unique name and goes when an
+      exception escapes (nothing is left behind).
+    * With ``resume_key`` (a digest of everything that determines the values,
+      see :func:`fcn_jax.forecast.resume_key`) it is ``.NAME.KEY.partial`` and
+      is kept when the run stops: its ``journal.json`` lists the committed
+      chunks (:meth:`commit`), and the same command started again skips them
+      (:meth:`is_done`) and writes the rest -- the file is the one an
+      uninterrupted run writes. Another command's partial output is never
+      reused; :attr:`notes` names how it differs and how to remove it.
+
+    An existing ``path`` is refused unless ``overwrite`` (then replaced only
+    once the new file is complete). Use as a context manager.
 
     Args:
       path: ``*.nc`` or ``*.zarr``.
@@ -135,47 +173,115 @@ class ForecastWriter:
       channels: channel names, one data variable each.
       members: ensemble size, or ``None``/0 for a deterministic file (no member dim).
       attrs: global attributes; ``var_attrs``: per-channel attribute overrides.
+      overwrite: replace an existing ``path``.
+      resume_key, resume_info: the partial output's key and a description of
+        the command (compared with another partial's to say how they differ).
+      check_space: refuse when the file system cannot hold the rest (uncompressed upper bound).
     """
 
     def __init__(self, path, *, init_times, n_lead: int, step_hours: float, lat, lon, channels: Sequence[str],
                  members: int | None = None, attrs: Mapping | None = None,
-                 var_attrs: Mapping[str, Mapping] | None = None):
+                 var_attrs: Mapping[str, Mapping] | None = None, overwrite: bool = False,
+                 resume_key: str | None = None, resume_info: Mapping | None = None, check_space: bool = True):
         _check_suffix(path)
         self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise ForecastError(f"--out {self.path} exists; pass --overwrite to replace it (the new file replaces "
+                                f"it only once complete)")
         self.zarr = _is_zarr(path)
         self.channels = list(channels)
         self.members = int(members or 0)
         self.dims = ("init_time", "lead_time") + (("member",) if self.members else ()) + ("lat", "lon")
         self.shape = (len(np.atleast_1d(init_times)), n_lead) + ((self.members,) if self.members else ()) \
             + (len(lat), len(lon))
-        self._ctx = atomic_path(self.path, directory=self.zarr)
-        self.tmp = self._ctx.__enter__()
-        self._nc = None
+        self.nbytes = int(np.prod(self.shape)) * len(self.channels) * 4  # float32, uncompressed
+        self.resumable = resume_key is not None
+        self.notes: list[str] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resumable:
+            self.partial = self.path.parent / f".{self.path.name}.{resume_key[:16]}{PARTIAL_SUFFIX}"
+            self._note_other_partials(resume_info or {})
+        else:
+            self.partial = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        self.staging = self.partial / "fields.zarr"
+        self.journal_path = self.partial / "journal.json"
+        self.done: set[str] = set()
+        vattrs = {c: {**channel_attrs(c), **dict((var_attrs or {}).get(c, {}))} for c in self.channels}
+        self.var_attrs = vattrs
         try:
-            ds = _skeleton(init_times, n_lead, step_hours, lat, lon, self.members, attrs)
-            vattrs = {c: {**channel_attrs(c), **dict((var_attrs or {}).get(c, {}))} for c in self.channels}
-            if self.zarr:
-                import dask.array as da
-
-                chunks = (1, 1) + ((1,) if self.members else ()) + self.shape[-2:]
-                for c in self.channels:
-                    ds[c] = (self.dims, da.full(self.shape, np.nan, dtype=np.float32, chunks=chunks), vattrs[c])
-                enc = {c: {"dtype": "float32"} for c in self.channels}
-                enc.update(_TIME_ENCODING)
-                ds.to_zarr(self.tmp, mode="w", compute=False, encoding=enc, consolidated=True)
+            journal = json.loads(self.journal_path.read_text()) if self.journal_path.is_file() else None
+            if journal is not None and journal.get("key") == resume_key and self.staging.is_dir():
+                self.done = set(journal.get("done", []))
+                self.notes.append(f"resuming {self.path} from {self.partial} ({len(self.done)} chunk(s) committed, "
+                                  f"{_dir_bytes(self.partial) / 1e9:.2f} GB)")
             else:
-                import netCDF4
-
-                ds.to_netcdf(self.tmp, engine="netcdf4", encoding=_TIME_ENCODING)
-                self._nc = netCDF4.Dataset(self.tmp, "a")
-                chunks = [1, 1] + ([1] if self.members else []) + list(self.shape[-2:])
-                for c in self.channels:
-                    v = self._nc.createVariable(c, "f4", self.dims, zlib=True, complevel=1, chunksizes=chunks,
-                                                fill_value=np.float32(np.nan))
-                    v.setncatts({**vattrs[c], "coordinates": "valid_time"})
+                if self.partial.exists():  # a partial without its journal: never trusted
+                    shutil.rmtree(self.partial)
+                self.partial.mkdir(parents=True)
+                self._check_space(check_space, overwrite)
+                self._create(init_times, n_lead, step_hours, lat, lon, attrs)
+                self._journal = {"key": resume_key, "info": dict(resume_info or {}), "done": []}
+                _write_json_atomic(self.journal_path, self._journal)
+            self._journal = {"key": resume_key, "info": dict(resume_info or {}), "done": sorted(self.done)}
         except BaseException as e:
+            if not self.done:  # nothing committed yet: no partial output worth keeping
+                shutil.rmtree(self.partial, ignore_errors=True)
             self.abort(e)
             raise
+
+    # ------------------------------------------------------------------ setup
+    def _note_other_partials(self, info: Mapping) -> None:
+        for other in partial_outputs(self.path):
+            if other == self.partial:
+                continue
+            try:
+                theirs = json.loads((other / "journal.json").read_text()).get("info", {})
+            except (OSError, ValueError):
+                theirs = {}
+            diff = [f"{k} {theirs.get(k)!r} -> {info.get(k)!r}" for k in sorted(set(info) | set(theirs))
+                    if theirs.get(k) != info.get(k)]
+            self.notes.append(f"note: {other} ({_dir_bytes(other) / 1e9:.2f} GB) is another command's partial "
+                              f"output and is not reused" + (f" (it differs in {'; '.join(diff[:6])})" if diff else "")
+                              + f"; remove it with: rm -r '{other}'")
+
+    def _check_space(self, check: bool, overwrite: bool) -> None:
+        need = self.nbytes * (1 if self.zarr else 2)  # .nc: the staging store and the file
+        free = shutil.disk_usage(self.partial).free
+        self.notes.insert(0, f"output {self.path}: {' x '.join(map(str, self.shape))} x {len(self.channels)} "
+                             f"channels, {self.nbytes / 1e9:.2f} GB uncompressed; {free / 1e9:.1f} GB free")
+        if check and free < need:
+            raise ForecastError(f"--out {self.path}: the forecast needs up to {need / 1e9:.2f} GB "
+                                f"({'the staging store and the .nc file' if not self.zarr else 'uncompressed'}) but "
+                                f"{self.path.parent} has {free / 1e9:.2f} GB free; free space, or write fewer "
+                                f"members/steps/ICs")
+
+    def _create(self, init_times, n_lead, step_hours, lat, lon, attrs) -> None:
+        import dask.array as da
+
+        ds = _skeleton(init_times, n_lead, step_hours, lat, lon, self.members, attrs)
+        chunks = (1, 1) + ((1,) if self.members else ()) + self.shape[-2:]
+        for c in self.channels:
+            ds[c] = (self.dims, da.full(self.shape, np.nan, dtype=np.float32, chunks=chunks), self.var_attrs[c])
+        enc = {c: {"dtype": "float32"} for c in self.channels}
+        enc.update(_TIME_ENCODING)
+        ds.to_zarr(self.staging, mode="w", compute=False, encoding=enc, consolidated=True)
+
+    # ---------------------------------------------------------------- writing
+    @staticmethod
+    def chunk_id(init_index: int, member_start: int = 0) -> str:
+        """The journal's name of a chunk: its first init index and first member."""
+        return f"i{int(init_index)}m{int(member_start)}"
+
+    def is_done(self, init_index: int, member_start: int = 0) -> bool:
+        """Whether the chunk was committed by an earlier run of the same command."""
+        return self.chunk_id(init_index, member_start) in self.done
+
+    def commit(self, init_index: int, member_start: int = 0) -> None:
+        """Record a chunk as complete (after all its :meth:`write` calls): a rerun skips it."""
+        self.done.add(self.chunk_id(init_index, member_start))
+        if self.resumable:
+            self._journal["done"] = sorted(self.done)
+            _write_json_atomic(self.journal_path, self._journal)
 
     def write(self, data, init_index: int | slice, member_start: int = 0, lead_start: int = 0) -> None:
         """Write ``data [n_init, lead, (member chunk), lat, lon, channel]`` (physical units, NumPy).
@@ -184,6 +290,8 @@ class ForecastWriter:
         ``member_start``: the first member of the chunk (ensembles);
         ``lead_start``: the first lead of the chunk.
         """
+        import xarray as xr
+
         data = np.asarray(data, np.float32)
         if data.ndim != len(self.dims) + 1 or data.shape[-1] != len(self.channels):
             raise ForecastError(f"{self.path}: chunk of shape {data.shape} does not fit dims {self.dims} + channel"
@@ -195,36 +303,34 @@ class ForecastWriter:
         region = [slice(i0, i0 + data.shape[0]), slice(lead_start, lead_start + data.shape[1])]
         if self.members:
             region.append(slice(member_start, member_start + data.shape[2]))
+        ds = xr.Dataset({c: (self.dims, data[..., k]) for k, c in enumerate(self.channels)})
+        ds.to_zarr(self.staging, region=dict(zip(self.dims, region + [slice(None), slice(None)])))
+
+    # -------------------------------------------------------------- finishing
+    def close(self) -> Path:
+        """Turn the staging store into the file at ``path`` (replacing an old one only now); returns ``path``."""
+        import zarr
+
+        zarr.consolidate_metadata(str(self.staging))
         if self.zarr:
+            with atomic_path(self.path, directory=True) as tmp:
+                os.replace(self.staging, tmp)
+        else:
             import xarray as xr
 
-            ds = xr.Dataset({c: (self.dims, data[..., k]) for k, c in enumerate(self.channels)})
-            ds.to_zarr(self.tmp, region=dict(zip(self.dims, region + [slice(None), slice(None)])))
-        else:
-            for k, c in enumerate(self.channels):
-                self._nc.variables[c][tuple(region)] = data[..., k]
-
-    def close(self) -> Path:
-        """Finish the file and rename it into place; returns the final path."""
-        if self._nc is not None:
-            self._nc.close()
-            self._nc = None
-        if self.zarr:
-            import zarr
-
-            zarr.consolidate_metadata(str(self.tmp))
-        self._ctx.__exit__(None, None, None)
+            chunks = [1, 1] + ([1] if self.members else []) + list(self.shape[-2:])
+            enc = {c: {"zlib": True, "complevel": 1, "chunksizes": chunks, "_FillValue": np.float32(np.nan),
+                       "dtype": "float32"} for c in self.channels}
+            enc.update(_TIME_ENCODING)
+            with xr.open_zarr(self.staging, decode_timedelta=True) as ds, atomic_path(self.path) as tmp:
+                ds[self.channels].to_netcdf(tmp, engine="netcdf4", encoding=enc)  # the channels in their order
+        shutil.rmtree(self.partial, ignore_errors=True)
         return self.path
 
     def abort(self, exc: BaseException | None = None) -> None:
-        """Drop the temporary file (no output is left behind)."""
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                self._nc.close()
-            self._nc = None
-        exc = exc or RuntimeError("aborted")
-        with contextlib.suppress(BaseException):
-            self._ctx.__exit__(type(exc), exc, None)
+        """An error: a resumable partial output stays (the same command continues it); any other goes."""
+        if not self.resumable:
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self):
         return self

@@ -150,18 +150,21 @@ class Forecaster:
             yield (0 if l0 == 0 else l0 + 1), self.physical(seg, tp0() if (l0 == 0 and tp0) else None)
 
     def ensemble(self, ic: np.ndarray, steps: int, *, members: int, member_chunk: int, perturbation_std: float,
-                 key, lead_chunk: int | None = None, tp0: Callable[[], np.ndarray] | None = None
-                 ) -> Iterator[tuple[int, int, np.ndarray]]:
+                 key, lead_chunk: int | None = None, tp0: Callable[[], np.ndarray] | None = None,
+                 skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(member_start, lead_start, fields [1, leads, members, lat, lon, ch])`` of one IC's ensemble.
 
         Members are drawn from ``fold_in(key, member)`` (:func:`~fcn_jax.inference.rollout.perturb`), so the
         chunking never changes them; each chunk of ``member_chunk`` (rounded to the ``data`` axis) is rolled
-        out in lead segments, the spare members of the last chunk dropped.
+        out in lead segments, the spare members of the last chunk dropped. ``skip(member_start)``: chunks
+        not to compute (already written by an interrupted run: the others' members do not depend on them).
         """
         chunk = round_up(min(member_chunk, members), self.data_size)
         split = nnx.split(self.model)
         x = self.norm.normalize(ic)
         for m0 in range(0, members, chunk):
+            if skip is not None and skip(m0):
+                continue
             ids = np.arange(m0, m0 + chunk)
             keep = min(chunk, members - m0)
             for l0, k in lead_segments(steps, lead_chunk):

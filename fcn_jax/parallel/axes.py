@@ -112,6 +112,6 @@ def logical_to_spec(names: Sequence[str | None], spectral_layout: str = CHANNEL_
 #: x: [batch@data, lat@height, lon@width, channel (replicated)]
 IMAGE_SPEC = P(DATA, HEIGHT, WIDTH, None)
 
-#: Layout of trunk activations between AFNO blocks:
-#: x: [batch@data, lat@height, lon@width, embed@channel] -- nothing replicated.
-TOKEN_SPEC = P(DATA, HEIGHT, WIDTH, CHANNEL)
+#: Layout of a batch of training windows (the data pipeline's output, the train step's input):
+#: x: [batch@data, time (k+1), lat@height, lon@width, channel (replicated)]
+WINDOW_SPEC = P(DATA, None, HEIGHT, WIDTH, None)

@@ -11,7 +11,7 @@ axis) is a new :class:`Layout` subclass registered in :data:`LAYOUTS`;
 :mod:`fcn_jax.perfmodel.model` and the CLI pick it up by name (``--layout``).
 
 Byte convention (per device, per step, shapes per device) -- the one
-:func:`fcn_jax.perfmodel.compiler.hlo_collective_bytes` reads from compiled HLO:
+:func:`fcn_jax.parallel.hlo.collective_bytes` reads from compiled HLO:
 all-to-all and all-gather ``(P-1)/P`` of the result, reduce-scatter
 ``(P-1)/P`` of the input, all-reduce ``2(P-1)/P`` (ring), collective-permute 1x.
 """

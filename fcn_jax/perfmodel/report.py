@@ -19,8 +19,6 @@ SEED_TABLE = [
     ("0.25°/p2/12", dict(img_size=(720, 1440), patch_size=(2, 2), depth=12), 80.0, None),
     ("0.1°/p4/24", dict(img_size=(1800, 3600), patch_size=(4, 4), depth=24), 405.0, 87.5),
 ]
-#: XLA:CPU compiled ``argument+output-alias+temp`` / temp for the same (jax-notes §13), GB.
-XLA_CPU_TEMP_GB = {"0.25°/p8/12": 17.2, "0.25°/p4/12": 68.0, "0.1°/p4/24": 843.0}
 
 
 def seed_rows(hw_name: str = "a100-80gb"):
@@ -43,7 +41,6 @@ def seed_rows(hw_name: str = "a100-80gb"):
             "running_gb": (fixed + mem["activations_remat"]) / GB, "seed_scaffolding_gb": seed_s,
             "seed_running_gb": seed_r, "state_gb": fixed / GB,
             "activations_gb": mem["activations_no_remat"] / GB, "activations_remat_gb": mem["activations_remat"] / GB,
-            "xla_cpu_temp_gb": XLA_CPU_TEMP_GB.get(name),
         })
     return rows
 
@@ -179,13 +176,12 @@ def plot_time_to_solution(path, hw_name: str = "a100-80gb", steps: int = 126_600
 
 def format_seed_table(rows) -> str:
     lines = ["| config | model scaffolding GB | seed | model running GB | seed | params+grads+Adam+io GB | "
-             "activations GB (no remat / remat) | XLA:CPU temp GB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "activations GB (no remat / remat) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         sr = "-" if r["seed_running_gb"] is None else f"{r['seed_running_gb']:.1f}"
         ss = f"{r['seed_scaffolding_gb']:.1f}" + ("+" if r["config"] == "0.25°/p2/12" else "")
-        xt = "-" if r["xla_cpu_temp_gb"] is None else f"{r['xla_cpu_temp_gb']:.1f}"
         lines.append(f"| {r['config']} | {r['scaffolding_gb']:.1f} | {ss} | {r['running_gb']:.1f} | {sr} | "
-                     f"{r['state_gb']:.2f} | {r['activations_gb']:.1f} / {r['activations_remat_gb']:.1f} | {xt} |")
+                     f"{r['state_gb']:.2f} | {r['activations_gb']:.1f} / {r['activations_remat_gb']:.1f} |")
     return "\n".join(lines)
 
 

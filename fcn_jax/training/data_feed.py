@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from fcn_jax.config import ExperimentConfig
 from fcn_jax.data.errors import DataError
 from fcn_jax.data.pipeline import WindowSource, make_train_iterator
+from fcn_jax.parallel.axes import WINDOW_SPEC
 
 
 def resolve_store(cfg: ExperimentConfig, check: bool = True) -> str:
@@ -112,8 +113,6 @@ class Feed:
             self.climatology = None
         self._split = None
         if self.precip:
-            from fcn_jax.data.pipeline import WINDOW_SPEC
-
             c = self.n_channels
 
             def split(x):

@@ -36,7 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
+from fcn_jax import distributed
+from fcn_jax.checkpoints import integrity
 from fcn_jax.checkpoints import package as model_ckpt
 from fcn_jax.checkpoints.package import resolve_model_dir
 from fcn_jax.checkpoints.train_state import RunCheckpoints, abstract_like
@@ -49,7 +52,7 @@ from fcn_jax.parallel.pipeline import stack_model, unstack_model
 from fcn_jax.training import data_feed
 from fcn_jax.training.optim import make_optimizer
 from fcn_jax.training.runlock import RunLock
-from fcn_jax.training.step import TrainState, init_opt_state, make_train_step
+from fcn_jax.training.step import TrainState, init_train_state, make_train_step
 from fcn_jax.training.validation import Validator
 
 
@@ -149,11 +152,12 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
             stack_model(model)
         model = shard_model(model, mesh)
         tx, schedule = make_optimizer(tcfg)
-        graphdef, params = nnx.split(model, nnx.Param)
-        state = TrainState(params=params, opt_state=init_opt_state(tx, params), step=jnp.zeros((), jnp.int32))
+        graphdef, state = init_train_state(model, tx)
         frozen = _frozen_backbone(cfg, mesh) if tcfg.mode == "precip" else None
 
         ckpts = RunCheckpoints(workdir / "checkpoints", keep_latest=tcfg.keep_latest, keep_best=tcfg.keep_best)
+        # what survivors of a lost peer say (multi-process)
+        distributed.set_resume_note(ckpts.resume_note, ckpts.directory, integrity.MANIFEST)
         meta: dict[str, Any] = {"best_val_loss": None, "best_step": None}
         start = 0
         try:
@@ -184,7 +188,7 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
             if primary:
                 print(f"pipeline: {sizes.stage} stages x {sizes.microbatches} microbatches per data shard, "
                       f"GPipe bubble {summary['bubble_fraction']:.3f}")
-        bar = _progress(start, end, enabled=progress and primary)
+        bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and primary))
         t_last, n_last, wait_s = time.perf_counter(), start, 0.0
         last_saved = start
         losses: list = []  # (step, loss, grad norm) on device since the last finiteness check
@@ -219,7 +223,8 @@ def _train(cfg: ExperimentConfig, workdir: Path, primary: bool, *, progress: boo
                             "data_wait_s": wait_s,
                         }
                         logger.write(record)
-                        bar.update(step, record)
+                        bar.update(step - bar.n)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
                         t_last, n_last, wait_s = now, step, 0.0
                     val_loss = None
                     if step % tcfg.validate_every == 0 or step == end:
@@ -357,26 +362,3 @@ def _export_models(ckpts: RunCheckpoints, state: TrainState, graphdef, workdir: 
     model_ckpt.save_model(workdir / "model_best", model, overwrite=True,
                           extra={"step": int(best if best is not None else state.step)},
                           package=package, climatology=clim)
-
-
-class _progress:
-    """tqdm progress bar (step, loss, throughput) or nothing."""
-
-    def __init__(self, start: int, end: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=end, initial=start, unit="step", dynamic_ncols=True)
-        self.pos = start
-
-    def update(self, step: int, record: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(step - self.pos)
-        self.pos = step
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()

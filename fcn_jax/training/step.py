@@ -42,12 +42,13 @@ def init_train_state(model, tx: optax.GradientTransformation) -> tuple[Any, Trai
     return graphdef, TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
-def init_opt_state(tx: optax.GradientTransformation, params):
-    """Optimiser state whose per-parameter trees (mu, nu, ...) share the parameters' shardings.
+def opt_state_shardings(tx: optax.GradientTransformation, params):
+    """Shardings of ``tx.init(params)``: per-parameter subtrees (mu, nu, ...) get the parameters' shardings.
 
-    ``jit(tx.init)`` on an Auto mesh would return *replicated* moments. Instead,
-    every subtree of the state with the parameters' tree structure gets the
-    parameters' shardings; other leaves (step counts, scalars) are replicated.
+    Every subtree of the optimiser state with the parameters' tree structure gets
+    the parameters' shardings; other leaves (step counts, scalars) are replicated.
+    ``params``: arrays or sharded ``jax.ShapeDtypeStruct``s (an abstract state,
+    :func:`fcn_jax.perfmodel.compiler.abstract_train_inputs`); nothing is computed.
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -60,10 +61,17 @@ def init_opt_state(tx: optax.GradientTransformation, params):
         return jax.tree.structure(node) == param_def
 
     abstract = jax.eval_shape(tx.init, params)
-    out_shardings = jax.tree.map(
-        lambda node: param_shardings if is_param_tree(node) else replicated, abstract, is_leaf=is_param_tree
-    )
-    return jax.jit(tx.init, out_shardings=out_shardings)(params)
+    return jax.tree.map(lambda node: param_shardings if is_param_tree(node) else replicated, abstract,
+                        is_leaf=is_param_tree)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params):
+    """Optimiser state laid out by :func:`opt_state_shardings`.
+
+    ``jit(tx.init)`` on an Auto mesh would return *replicated* moments; the
+    moments of a sharded parameter are sharded like it instead.
+    """
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params))(params)
 
 
 def make_loss_fn(graphdef, loss_weights=None, mode: str = "pretrain", precip_eps: float = 1e-5,
@@ -139,7 +147,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights=Non
     """``step(state, batch) -> (state, metrics)``, jit-compiled with the state donated.
 
     batch: ``{"fields": [batch, k+1, lat, lon, channel]}`` sharded
-    ``P('data', None, 'height', 'width', None)`` (raw physical values when
+    :data:`fcn_jax.parallel.axes.WINDOW_SPEC` (raw physical values when
     ``norm=(mean, std)`` is given, else normalised), plus ``"tp"`` for precipitation.
     A bare array is taken as ``fields``.
     """
