@@ -59,7 +59,7 @@ def main() -> None:
             package, clim = model_ckpt.package_from_store(store, cfg.data.channels)
             model_ckpt.save_model(model, build_model(cfg.model, seed=0), package=package, climatology=clim)
     times = StoreInfo.read(store).times
-    init = ",".join(str(t) for t in times[-8 * args.ics:: 8][: args.ics])
+    init = ",".join(str(t) for t in times[-(args.steps + 8 * args.ics + 1):: 8][: args.ics])  # leads inside the data
     cmd = [sys.executable, "-m", "fcn_jax.forecast", str(model), "--store", str(store), "--init", init,
            "--steps", str(args.steps), "--members", str(args.members), "--member-chunk", str(args.member_chunk)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
