@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from fcn_jax import errors
 
-__all__ = ["parser", "add_experiment", "load_experiment", "add_mesh", "parse_mesh", "add_store", "resolve_store",
+__all__ = ["parser", "add_experiment", "load_experiment", "add_mesh", "parse_mesh", "parse_init_times", "add_store",
+           "resolve_store",
            "add_runtime", "start", "run", "is_primary"]
 
 
@@ -148,6 +150,43 @@ def _join_negative_mesh(argv: Sequence[str]) -> list[str]:
             out.append(argv[i])
             i += 1
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Initial times
+# --------------------------------------------------------------------------- #
+
+
+_STRIDE = re.compile(r"^\s*(\d+)\s*([hd])\s*$")
+
+
+def parse_init_times(spec: str):
+    """``datetime64[ns] [n]`` from ``"T1,T2,..."`` or ``"START/END/STRIDE"`` (stride ``6h``, ``3d``)."""
+    import numpy as np
+
+    from fcn_jax.inference.files import ForecastError
+
+    spec = spec.strip()
+    try:
+        if "/" in spec:
+            parts = spec.split("/")
+            if len(parts) != 3:
+                raise ValueError("a range is START/END/STRIDE")
+            start, end = (np.datetime64(p.strip(), "ns") for p in parts[:2])
+            m = _STRIDE.match(parts[2])
+            if not m:
+                raise ValueError(f"stride {parts[2]!r} must be a number of hours or days, e.g. 12h or 3d")
+            stride = np.timedelta64(int(m.group(1)) * (24 if m.group(2) == "d" else 1), "h")
+            if stride <= np.timedelta64(0, "h") or end < start:
+                raise ValueError("the stride must be positive and END not before START")
+            times = np.arange(start, end + np.timedelta64(1, "ns"), stride).astype("datetime64[ns]")
+        else:
+            times = np.asarray([np.datetime64(t.strip(), "ns") for t in spec.split(",") if t.strip()])
+    except ValueError as e:
+        raise ForecastError(f"--init {spec!r}: {e}; give ISO times 'T1,T2' or 'START/END/STRIDE'") from e
+    if times.size == 0:
+        raise ForecastError(f"--init {spec!r}: no initial time")
+    return times
 
 
 # --------------------------------------------------------------------------- #

@@ -472,14 +472,18 @@ def _store_stats(store) -> dict:
 def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = BASELINES, convention: str = "fcn",
                       channels: Sequence[str] | None = None, climatology=None, member: int | None = None,
                       regrid: bool = False, plots: bool = True, max_chunk_bytes: int = 1 << 29,
-                      progress: bool = False):
+                      progress: bool = False, also=None):
     """Score ``forecast`` (path or Dataset in the forecast layout) against ``truth``.
 
     ``truth``: a store, ``world`` or any source of
     :func:`~fcn_jax.data.analysis.open_analysis` (``member``: one member of an
     ensemble truth file; ``regrid``: interpolate a truth or climatology on
     another grid). ``climatology``: one spec or a list (see the module doc;
-    default: the truth store, else the forecast model's package).
+    default: the truth store, else the forecast model's package). ``also``:
+    ``{name: forecast}`` of other systems scored in the same call against the
+    same truth, climatology and normalisation (e.g. the world's twin as the
+    ceiling, another model); each needs the forecast's initial times, leads,
+    grid and channels (an ensemble counts by its mean).
 
     Returns the scores ``xarray.Dataset`` (see the module doc); with ``out``
     also writes ``scores.nc``, ``scores.csv``, ``rank_histogram.nc`` (ensembles)
@@ -507,10 +511,25 @@ def evaluate_forecast(forecast, truth, out=None, *, baselines: Sequence[str] = B
         if missing:
             raise ForecastError(f"{path}: channels {missing} not in the forecast; it has {have}")
         have = list(channels)
+    others = {}
+    for name, other in dict(also or {}).items():
+        if name in ("model", *BASELINES):
+            raise ForecastError(f"--also {name}=...: the name {name!r} is taken; choose another")
+        ofc = read_forecast(other) if isinstance(other, (str, Path)) else other
+        for coord in ("init_time", "lead_time", "lat", "lon"):
+            if ofc.sizes.get(coord) != fc.sizes.get(coord) or not np.array_equal(ofc[coord].values, fc[coord].values):
+                raise ForecastError(f"--also {name}={other}: its {coord} ({ofc.sizes.get(coord)} values) is not the "
+                                    f"forecast's ({fc.sizes.get(coord)}); both must cover the same initial times, "
+                                    f"leads and grid")
+        missing = [c for c in have if c not in ofc.data_vars]
+        if missing:
+            raise ForecastError(f"--also {name}={other}: channels {missing} are not in it")
+        others[str(name)] = ofc
     try:
         setup = _setup(fc, path, list(have), truth, climatology, baselines, convention, member, regrid)
     except DataError as e:
         raise ForecastError(str(e)) from e
+    setup["others"] = others
     return _score(fc, path, setup, baselines, convention, out, plots, max_chunk_bytes, progress, t0)
 
 
@@ -636,7 +655,8 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
     groups = [np.arange(k, min(k + group, len(chans))) for k in range(0, len(chans), group)]
     per_lead = per_lead_ch * group
     lc = int(max(1, min(len(lead), max_chunk_bytes // per_lead)))
-    systems = ["model"] + list(baselines)
+    others = S.get("others", {})
+    systems = ["model"] + list(others) + list(baselines)
     acc_store = {m: {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in _DET} for m in systems}
     ens_store = {k: np.zeros((len(init), len(lead), len(chans)), np.float64) for k in ("crps", "var")}
     ranks = np.zeros((len(lead), len(chans), n_mem + 1), np.int64) if ensemble else None
@@ -673,6 +693,13 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
                 ens_store["crps"][i0:i1, sl, g] = res["crps"]
                 ens_store["var"][i0:i1, sl, g] = res["var"]
                 ranks[sl, g] += np.asarray(res["rank"], np.int64)
+            for name, ofc in others.items():  # other systems: the same truth and normalisation
+                fo = np.stack([np.asarray(ofc[chans[k]].isel(init_time=slice(i0, i1), lead_time=sl).values,
+                                          np.float32) for k in g], -1)
+                fo = norm_g(fo.mean(axis=2) if "member" in ofc[chans[g[0]]].dims else fo)
+                ro = jax.device_get(_det_scores(fo, y, clim, w))
+                for k in _DET:
+                    acc_store[name][k][i0:i1, sl, g] = ro[k]
             for b in baselines:
                 pred = pers if b == "persistence" else clim
                 rb = jax.device_get(_det_scores(pred, y, clim, w))
@@ -715,6 +742,16 @@ def _score(fc, path, S, baselines, convention, out, plots, max_chunk_bytes, prog
         print(f"scored {len(init)} ICs x {len(lead)} leads x {len(chans)} channels"
               f"{f' x {n_mem} members' if ensemble else ''} ({time.perf_counter() - t0:.1f} s)")
     return scores
+
+
+def _named(pairs) -> dict[str, str]:
+    out = {}
+    for text in pairs:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ForecastError(f"--also {text!r}: give NAME=FORECAST, e.g. ceiling=twin.nc")
+        out[name] = path
+    return out
 
 
 def _assemble(det, ens, systems, chans, lead, std, convention):
@@ -882,6 +919,9 @@ def main(argv=None) -> int:
                     help="interpolate a truth or climatology on another grid to the forecast's (bilinear) "
                          "instead of refusing it")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=FORECAST",
+                    help="another forecast file scored in the same call as system NAME (repeatable), e.g. "
+                         "--also ceiling=twin.nc for the world's own dynamical core")
     ap.add_argument("--chunk-mb", type=float, default=512,
                     help="forecast data held at a time, MB (default 512): ICs x leads x channels of an ensemble, "
                          "or one lead and channel of all members when that is larger")
@@ -900,7 +940,7 @@ def main(argv=None) -> int:
                                    channels=args.channels.split(",") if args.channels else None,
                                    climatology=args.climatology, member=args.member, regrid=args.regrid,
                                    plots=not args.no_plots, progress=True,
-                                   max_chunk_bytes=int(args.chunk_mb * 2**20))
+                                   max_chunk_bytes=int(args.chunk_mb * 2**20), also=_named(args.also))
         print(format_table(scores))
         print(f"climatology: {scores.attrs.get('climatology')}")
         print(f"scores in {Path(args.out) / 'scores.nc'}")

@@ -42,7 +42,6 @@ the source); on any error no output file is left behind.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,6 @@ from fcn_jax.inference.forecaster import Forecaster, PrecipDiagnosis, round_up
 
 __all__ = [
     "ForecastError",
-    "parse_init_times",
     "resolve_model_dir",
     "model_channels",
     "read_model_package",
@@ -69,34 +67,6 @@ __all__ = [
 # --------------------------------------------------------------------------- #
 # Inputs
 # --------------------------------------------------------------------------- #
-
-
-_STRIDE = re.compile(r"^\s*(\d+)\s*([hd])\s*$")
-
-
-def parse_init_times(spec: str) -> np.ndarray:
-    """``datetime64[ns] [n]`` from ``"T1,T2,..."`` or ``"START/END/STRIDE"`` (stride ``6h``, ``3d``)."""
-    spec = spec.strip()
-    try:
-        if "/" in spec:
-            parts = spec.split("/")
-            if len(parts) != 3:
-                raise ValueError("a range is START/END/STRIDE")
-            start, end = (np.datetime64(p.strip(), "ns") for p in parts[:2])
-            m = _STRIDE.match(parts[2])
-            if not m:
-                raise ValueError(f"stride {parts[2]!r} must be a number of hours or days, e.g. 12h or 3d")
-            stride = np.timedelta64(int(m.group(1)) * (24 if m.group(2) == "d" else 1), "h")
-            if stride <= np.timedelta64(0, "h") or end < start:
-                raise ValueError("the stride must be positive and END not before START")
-            times = np.arange(start, end + np.timedelta64(1, "ns"), stride).astype("datetime64[ns]")
-        else:
-            times = np.asarray([np.datetime64(t.strip(), "ns") for t in spec.split(",") if t.strip()])
-    except ValueError as e:
-        raise ForecastError(f"--init {spec!r}: {e}; give ISO times 'T1,T2' or 'START/END/STRIDE'") from e
-    if times.size == 0:
-        raise ForecastError(f"--init {spec!r}: no initial time")
-    return times
 
 
 def resolve_model_dir(path) -> Path:
@@ -176,7 +146,8 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                  ic_file=None, batch_size: int | None = None, member_chunk: int | None = None,
                  channels: Sequence[str] | None = None, precip_bound_std: float = 10.0, regrid: bool = False,
                  member: int | None = None, lead_chunk: int | None = 8, progress: bool = False,
-                 overwrite: bool = False, resume: bool = True) -> Path:
+                 overwrite: bool = False, resume: bool = True, perturbation: str = "gaussian",
+                 perturbation_scale_km: float = 500.0, breeding_cycles: int = 4) -> Path:
     """Run a forecast and write it to ``out`` (.nc / .zarr); see the module doc. Returns the path.
 
     ``ic_file``: the analysis to start from -- any source
@@ -200,6 +171,13 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     inverse ``eps * expm1(y)`` is exponential, and a few over-confident outputs
     would otherwise dominate an RMSE in metres.
 
+    ``perturbation``: ``gaussian`` (i.i.d. per grid point, the original's),
+    ``spherical`` (isotropic random fields of correlation length
+    ``perturbation_scale_km``) or ``bred`` (that noise grown by the model over
+    ``breeding_cycles`` steps before each initial time, which the source must
+    hold) -- :mod:`fcn_jax.inference.perturbations`; ``perturbation_std`` is the
+    amplitude in normalised units for each.
+
     ``overwrite``: replace an existing ``out`` (else it is refused before
     anything runs). ``resume``: chunks go through a journal in a partial output
     keyed by :func:`resume_key`, so the same call after a kill continues where
@@ -217,6 +195,12 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
         raise ForecastError(f"--members must be >= 0, got {members}")
     if perturbation_std < 0:
         raise ForecastError(f"--perturbation-std must be >= 0, got {perturbation_std}")
+    from fcn_jax.inference.perturbations import KINDS
+
+    if perturbation not in KINDS:
+        raise ForecastError(f"--perturbation must be one of {', '.join(KINDS)}, got {perturbation!r}")
+    if perturbation == "bred" and breeding_cycles < 1:
+        raise ForecastError(f"--breeding-cycles must be >= 1, got {breeding_cycles}")
     if lead_chunk is not None and lead_chunk < 0:
         raise ForecastError(f"--lead-chunk must be >= 0 (0 = all steps at once), got {lead_chunk}")
     if ic_file is None and store is None:
@@ -253,7 +237,7 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     if (analysis.lat.size, analysis.lon.size) != tuple(cfg.img_size):
         raise ForecastError(f"{analysis.where}: grid lat x lon = {(analysis.lat.size, analysis.lon.size)} but the "
                             f"model {model_dir} was built for img_size {tuple(cfg.img_size)}")
-    times = parse_init_times(init_times) if isinstance(init_times, str) else \
+    times = cli.parse_init_times(init_times) if isinstance(init_times, str) else \
         np.asarray(init_times, "datetime64[ns]").reshape(-1)
     idx = analysis.index(times, what=lambda t: "initial time")
     pcfg = ppkg = None
@@ -302,10 +286,18 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
              "grid": analysis.grid_note, "normalization": stats_from,
              "precip_model": str(precip_dir) if pcfg else None, "precip_eps": eps, "precip_bound": bound_note,
              "perturbation_std": perturbation_std if members else None, "seed": seed if members else None,
+             "perturbation": (perturbation + (f", {perturbation_scale_km:g} km" if perturbation != "gaussian" else "")
+                              + (f", {breeding_cycles} breeding cycles" if perturbation == "bred" else ""))
+             if members else None,
              "mesh": ",".join(f"{a}={n}" for a, n in mesh.shape.items()), "processes": jax.process_count(),
              "history": f"fcn_jax.forecast {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"}
     from tqdm.auto import tqdm
 
+    basis = None
+    if members and perturbation in ("spherical", "bred") and perturbation_scale_km > 0:
+        from fcn_jax.inference.perturbations import spherical_basis
+
+        basis = spherical_basis(lat, lon, perturbation_scale_km)
     # chunk -> write, resumably: a chunk (an IC batch, or one IC's member chunk) is committed to the partial
     # output's journal once all its leads are written; the same command again skips committed chunks.
     # Multi-host: every process computes (and gathers) each chunk, process 0 alone writes.
@@ -316,7 +308,9 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
     key, info = resume_key(pkg=pkg, ppkg=ppkg, analysis=analysis, times=times, steps=steps, members=members,
                            perturbation_std=perturbation_std, seed=seed, batch=bs, member_chunk=m_chunk,
                            lead_chunk=lead_chunk, mesh=mesh, channels=out_channels, regrid=regrid, member=member,
-                           precip_bound_std=precip_bound_std, out=out) if resume else (None, None)
+                           precip_bound_std=precip_bound_std, out=out,
+                           perturbation=(perturbation, perturbation_scale_km, breeding_cycles) if members else None
+                           ) if resume else (None, None)
     writer_cm = ForecastWriter(out, init_times=times, n_lead=steps + 1, step_hours=step_hours, lat=lat, lon=lon,
                                channels=out_channels, members=members or None, attrs=attrs,
                                var_attrs={"tp": {"units": "m"}}, overwrite=overwrite, resume_key=key,
@@ -347,10 +341,16 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
                 sel = np.asarray([i])
                 # the IC index is folded into the key: each IC's noise is its own
                 last = None
+                history = None
+                if perturbation == "bred":  # the analyses every step before this IC, oldest first
+                    earlier = times[i] - np.arange(breeding_cycles, 0, -1) * np.timedelta64(
+                        int(round(step_hours * 3600)), "s")
+                    history = analysis.read_index(analysis.index(earlier, what=lambda t: "breeding analysis"))
                 for m0, lead0, fields in forecaster.ensemble(
                         analysis.read_index(idx[sel]), steps, members=members, member_chunk=m_chunk,
                         perturbation_std=perturbation_std, key=jax.random.fold_in(rng, i), lead_chunk=lead_chunk,
-                        tp0=tp_at_init(sel), skip=lambda m0, i=i: (i, m0) in skipped):
+                        tp0=tp_at_init(sel), skip=lambda m0, i=i: (i, m0) in skipped, perturbation=perturbation,
+                        basis=basis, history=history, lat=lat):
                     if last is not None and m0 != last:
                         writer.commit(i, last)
                         bar.update()
@@ -368,7 +368,8 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
 
 
 def resume_key(*, pkg, ppkg, analysis, times, steps, members, perturbation_std, seed, batch, member_chunk,
-               lead_chunk, mesh, channels, regrid, member, precip_bound_std, out) -> tuple[str, dict]:
+               lead_chunk, mesh, channels, regrid, member, precip_bound_std, out,
+               perturbation=None) -> tuple[str, dict]:
     """``(key, description)`` of everything that decides a forecast file's values.
 
     The key names the partial output (:class:`~fcn_jax.inference.files.ForecastWriter`): the same command
@@ -400,6 +401,7 @@ def resume_key(*, pkg, ppkg, analysis, times, steps, members, perturbation_std, 
             "grid": analysis.grid_note, "init_times": [str(t) for t in (times[0], times[-1])],
             "n_init": len(times), "steps": int(steps), "members": int(members),
             "perturbation_std": float(perturbation_std) if members else None, "seed": int(seed) if members else None,
+            "perturbation": list(perturbation) if perturbation else None,
             "ic_batch": int(batch), "member_chunk": int(member_chunk), "lead_chunk": int(lead_chunk or 0),
             "mesh": dict(mesh.shape), "processes": jax.process_count(), "channels": list(channels),
             "regrid": bool(regrid), "member": member, "precip_bound_std": float(precip_bound_std),
@@ -500,6 +502,13 @@ def main(argv=None) -> int:
                          "file is refused")
     ap.add_argument("--members", type=int, default=0, help="ensemble size (0 = deterministic)")
     ap.add_argument("--perturbation-std", type=float, default=0.3, help="IC noise std, normalised units")
+    ap.add_argument("--perturbation", choices=["gaussian", "spherical", "bred"], default="gaussian",
+                    help="gaussian: i.i.d. per grid point (the original's); spherical: isotropic random fields of "
+                         "--perturbation-scale-km; bred: that noise grown by the model over --breeding-cycles steps "
+                         "before each initial time (the source must hold those analyses)")
+    ap.add_argument("--perturbation-scale-km", type=float, default=500.0,
+                    help="correlation length of spherical and bred noise, km (default 500; bred with 0: white)")
+    ap.add_argument("--breeding-cycles", type=int, default=4, help="steps of breeding before each IC (default 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--member-chunk", type=int, default=None, help="members per compiled call (default 8)")
     ap.add_argument("--batch-size", type=int, default=None, help="ICs per deterministic call (default 8)")
@@ -536,7 +545,8 @@ def main(argv=None) -> int:
                      batch_size=args.batch_size, member_chunk=args.member_chunk, lead_chunk=args.lead_chunk,
                      channels=args.channels.split(",") if args.channels else None,
                      precip_bound_std=args.precip_bound_std, progress=cli.is_primary(),
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, perturbation=args.perturbation,
+                     perturbation_scale_km=args.perturbation_scale_km, breeding_cycles=args.breeding_cycles)
 
     return cli.run(body)
 

@@ -563,3 +563,26 @@ def test_track_cli_with_truth_from_the_store(synthetic_store, tmp_path, capsys):
     assert rows[0] == "init_time,member,lead_time_hours,lat,lon,pressure" and len(rows) == 1 + 3 * 5
     assert track.main([str(path), "--start", "95,10"]) == 2
     assert "latitude must be within" in capsys.readouterr().err
+
+
+def test_evaluate_scores_other_systems_in_the_same_call(store, tmp_path):
+    """--also NAME=FILE: another forecast as one more system, against the same truth and normalisation."""
+    path, times = store
+    rng = np.random.default_rng(7)
+    init_idx, n_lead = [0, 3], 3
+    a = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0]
+                   + rng.normal(size=(16, 32, 3)) * np.array([100.0, 1.0, 1.0]), tmp_path / "a.nc", init_idx, n_lead)
+    b = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0]
+                   + rng.normal(size=(16, 32, 3)) * np.array([300.0, 3.0, 3.0]), tmp_path / "b.nc", init_idx, n_lead)
+    both = evaluate.evaluate_forecast(a, path, None, also={"other": b})
+    assert list(both.system.values) == ["model", "other", "persistence", "climatology"]
+    alone = evaluate.evaluate_forecast(b, path, None)
+    for v in ("rmse", "acc", "bias"):
+        np.testing.assert_allclose(both[v].sel(system="other"), alone[v].sel(system="model"), rtol=1e-5)
+        np.testing.assert_allclose(both[v].sel(system="persistence"), alone[v].sel(system="persistence"), rtol=1e-5)
+    assert np.all(both.rmse.sel(system="other") > both.rmse.sel(system="model"))
+    short = _file_from(path, times, lambda i, l: _truth_fields(path, [i + l])[0], tmp_path / "c.nc", [0], n_lead)
+    with pytest.raises(ForecastError, match="init_time"):
+        evaluate.evaluate_forecast(a, path, None, also={"short": short})
+    with pytest.raises(ForecastError, match="is taken"):
+        evaluate.evaluate_forecast(a, path, None, also={"persistence": b})

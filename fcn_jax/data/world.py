@@ -102,6 +102,7 @@ decorrelated limit sqrt(2) after five days; the zonal-mean jet peaks near
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -112,6 +113,7 @@ from pathlib import Path
 import numpy as np
 
 from fcn_jax.data.channels import WORLD
+from fcn_jax.data.errors import DataError
 
 #: Bump when generation changes in a way that alters the output (invalidates caches).
 #: 2: the ``tp`` precipitation proxy in the files and the store.
@@ -355,7 +357,7 @@ def _build(spec: WorldSpec):
     # one state's diagnostics: the end of spin-up, 6 h before the first output,
     # opens the first precipitation accumulation
     diagnose_one = jax.jit(diagnose)
-    return run_chunk, spin, diagnose_one, state0, chunk_days, lat, lon
+    return run_chunk, spin, diagnose_one, state0, chunk_days, lat, lon, (step, inner, batched_diagnose, grid)
 
 
 def _write_year(nc_dir: Path, year: int, times: np.ndarray, fields: dict[str, np.ndarray],
@@ -424,7 +426,7 @@ def generate_world(nc_dir: str | os.PathLike, spec: WorldSpec = WorldSpec(), *, 
     tmp = nc_dir.parent / f".{nc_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        run_chunk, spin, diagnose_one, state, chunk_days, lat, lon = _build(spec)
+        run_chunk, spin, diagnose_one, state, chunk_days, lat, lon, _ = _build(spec)
         n_spin = -(-spec.spinup_days // chunk_days)
         n_chunks = -(-spec.days // chunk_days)
         with tqdm(total=n_spin + n_chunks, desc="world: simulate", unit="10 days", disable=not progress,
@@ -459,6 +461,113 @@ def generate_world(nc_dir: str | os.PathLike, spec: WorldSpec = WorldSpec(), *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [str(nc_dir / os.path.basename(p)) for p in paths]
+
+
+def _to_store_layout(fields: dict[str, np.ndarray], channels, levels) -> np.ndarray:
+    """Diagnostics ``{name: [..., (level,) lon, lat ascending]}`` -> ``[..., lat north first, lon, channel]``."""
+    plev = sorted(levels)
+    out = []
+    for c in channels:
+        name = c if c in fields else c.rstrip("0123456789")
+        x = fields[name] if name == c else fields[name][..., plev.index(int(c[len(name):])), :, :]
+        out.append(np.swapaxes(np.asarray(x), -1, -2)[..., ::-1, :])
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
+def twin_forecasts(spec: WorldSpec, init_times, steps: int, channels, *, perturbation_k: float = 0.1, seed: int = 0,
+                   truth=None, check_tolerance: float = 0.02, progress: bool = True, drift: list | None = None):
+    """The world forecast by its own dynamical core: ``(ic index, fields [steps + 1, lat, lon, channel])``.
+
+    The world is simulated again from its spin-up, exactly as :func:`generate_world`
+    did (same spec, same compiled chunks), up to each initial time; there its
+    state's temperature gets Gaussian noise of ``perturbation_k`` kelvin at every
+    grid point and model level (``fold_in(seed, ic)``), and the model runs
+    ``steps`` 6-hour steps. Lead 0 is the perturbed state. What the twin misses
+    at a lead is the world's own predictability from an almost perfect initial
+    state: the ceiling a learned model of the world can approach.
+
+    ``truth``: a callable ``(time index) -> [lat, lon, channel]`` of the stored
+    world (its store); the re-simulation is checked against it at every
+    initial time (RMS difference / the field's spatial std, worst channel, <=
+    ``check_tolerance``) and refused when it drifted (another jax version can
+    change the last bits, and years of chaos make them large); ``drift``, when
+    a list, receives that figure for every initial time. ``init_times`` must be output times
+    of the world, in any order.
+    """
+    import jax
+    import jax.numpy as jnp
+    from dinosaur import time_integration
+    from tqdm.auto import tqdm
+
+    run_chunk, spin, _, state, chunk_days, lat, lon, (step, inner, batched_diagnose, grid) = _build(spec)
+    t0 = np.datetime64(spec.start, "ns")
+    idx = np.asarray((np.asarray(init_times, "datetime64[ns]") - t0) // np.timedelta64(6, "h"), np.int64)
+    if np.any(idx < 0) or np.any(idx >= 4 * spec.days) or np.any(
+            t0 + idx * np.timedelta64(6, "h") != np.asarray(init_times, "datetime64[ns]")):
+        raise DataError(f"twin: initial times must be 6-hourly output times of the world ({spec.start} .. "
+                        f"{spec.days} days), got {np.asarray(init_times)}")
+    per_chunk = 4 * chunk_days
+    drift = [] if drift is None else drift
+    advance6h = jax.jit(time_integration.repeated(step, inner))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def forecast(s, n):
+        _, states = time_integration.trajectory_from_step(step, outer_steps=n, inner_steps=inner,
+                                                          start_with_input=True)(s)
+        return batched_diagnose(states)
+
+    @jax.jit
+    def perturb(s, key):
+        noise = perturbation_k / float(_to_si_temperature()) * jax.random.normal(
+            key, grid.to_nodal(s.temperature_variation).shape, jnp.float32)
+        return s.replace(temperature_variation=s.temperature_variation + grid.to_modal(noise))
+
+    n_spin = -(-spec.spinup_days // chunk_days)
+    order = np.argsort(idx)
+    with tqdm(total=n_spin + int(idx.max()) // per_chunk + 1, desc="twin: simulate", unit="10 days",
+              disable=not progress, leave=False) as bar:
+        for _ in range(n_spin):
+            state = spin(state)
+            bar.update(1)
+        chunk = 0
+        key = jax.random.key(seed)
+        for i in order:
+            k = int(idx[i])
+            while (chunk + 1) * per_chunk <= k:  # whole chunks: the generator's own compiled chunk
+                state, _ = run_chunk(state)
+                chunk += 1
+                bar.update(1)
+            s = state
+            for _ in range(k - chunk * per_chunk + 1):  # output k is the state after k + 1 six-hour steps
+                s = advance6h(s)
+            if truth is not None:
+                ref = np.asarray(truth(k), np.float32)
+                got = _to_store_layout(jax.tree.map(np.asarray, jax.jit(_diag_one(batched_diagnose))(s)),
+                                       channels, spec.levels)
+                # RMS difference over the grid relative to each channel's spatial std, the worst channel: the
+                # last-bit differences of another compiled path within a 10-day chunk grow to ~1e-4; another
+                # world (years of chaos from other bits) is O(1)
+                err = float(np.max(np.sqrt(np.mean((got - ref) ** 2, axis=(0, 1))) / (ref.std(axis=(0, 1)) + 1e-12)))
+                drift.append(err)
+                if err > check_tolerance:
+                    raise DataError(
+                        f"twin: the world re-simulated on this jax ({jax.__version__}) is not the stored world at "
+                        f"{init_times[i]} (RMS diff / std {err:.3g} > {check_tolerance:g}); regenerate the "
+                        f"world with this jax (python -m fcn_jax.world --out NEW_DIR) and score against it")
+            fields = forecast(perturb(s, jax.random.fold_in(key, int(i))), steps + 1)
+            yield int(i), _to_store_layout(jax.tree.map(np.asarray, fields), channels, spec.levels)
+
+
+def _diag_one(batched_diagnose):
+    import jax
+
+    return lambda s: jax.tree.map(lambda x: x[0], batched_diagnose(jax.tree.map(lambda x: x[None], s)))
+
+
+def _to_si_temperature() -> float:
+    from dinosaur import primitive_equations, scales
+
+    return primitive_equations.PrimitiveEquationsSpecs.from_si().dimensionalize(1.0, scales.units.degK).m
 
 
 def persistence_skill(store: str | os.PathLike, years=None, max_lead: int = 20,

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from fcn_jax.inference.rollout import ensemble_chunk, ensemble_continue, rollout
+from fcn_jax.inference.perturbations import KINDS, SphericalBasis
+from fcn_jax.inference.rollout import bred_chunk, ensemble_chunk, ensemble_continue, rollout
 from fcn_jax.normalize import Normalizer, precip_to_metres
 from fcn_jax.parallel.axes import IMAGE_SPEC
 
@@ -151,25 +152,39 @@ class Forecaster:
 
     def ensemble(self, ic: np.ndarray, steps: int, *, members: int, member_chunk: int, perturbation_std: float,
                  key, lead_chunk: int | None = None, tp0: Callable[[], np.ndarray] | None = None,
-                 skip: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+                 skip: Callable[[int], bool] | None = None, perturbation: str = "gaussian",
+                 basis: SphericalBasis | None = None, history: np.ndarray | None = None, lat=None
+                 ) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(member_start, lead_start, fields [1, leads, members, lat, lon, ch])`` of one IC's ensemble.
 
         Members are drawn from ``fold_in(key, member)`` (:func:`~fcn_jax.inference.rollout.perturb`), so the
         chunking never changes them; each chunk of ``member_chunk`` (rounded to the ``data`` axis) is rolled
         out in lead segments, the spare members of the last chunk dropped. ``skip(member_start)``: chunks
         not to compute (already written by an interrupted run: the others' members do not depend on them).
+
+        ``perturbation``: ``gaussian`` (white), ``spherical`` (``basis``) or ``bred`` (``basis`` or white
+        noise grown over ``history [cycles, lat, lon, ch]``, the physical analyses every step before ``ic``;
+        ``lat`` for the area weights) -- :mod:`fcn_jax.inference.perturbations`.
         """
+        if perturbation not in KINDS:
+            raise ValueError(f"perturbation must be one of {KINDS}, got {perturbation!r}")
         chunk = round_up(min(member_chunk, members), self.data_size)
         split = nnx.split(self.model)
         x = self.norm.normalize(ic)
+        if perturbation == "bred":
+            window = self.norm.normalize(np.concatenate([history, ic]))  # [cycles + 1, lat, lon, ch]
         for m0 in range(0, members, chunk):
             if skip is not None and skip(m0):
                 continue
             ids = np.arange(m0, m0 + chunk)
             keep = min(chunk, members - m0)
             for l0, k in lead_segments(steps, lead_chunk):
-                if l0 == 0:
-                    ens = ensemble_chunk(split, x, perturbation_std, key, ids, k)
+                if l0 == 0 and perturbation == "bred":
+                    ens = bred_chunk(split, window, perturbation_std, key, ids, k, basis, lat)
+                    seg = ens[:, :, :keep]
+                elif l0 == 0:
+                    ens = ensemble_chunk(split, x, perturbation_std, key, ids, k,
+                                         basis if perturbation == "spherical" else None)
                     seg = ens[:, :, :keep]
                 else:
                     ens = ensemble_continue(split, ens, k)

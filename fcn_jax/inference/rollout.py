@@ -32,10 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fcn_jax.inference import perturbations
+from fcn_jax.inference.perturbations import SphericalBasis
 from fcn_jax.parallel.axes import IMAGE_SPEC
 from fcn_jax.parallel.mesh import current_mesh
 
-__all__ = ["rollout_states", "rollout", "perturb", "ensemble_rollout", "ensemble_chunk", "ensemble_continue"]
+__all__ = ["rollout_states", "rollout", "perturb", "ensemble_rollout", "ensemble_chunk", "bred_chunk",
+           "ensemble_continue"]
 
 
 def rollout_states(model, x0, k: int):
@@ -82,23 +85,39 @@ def rollout(model: nnx.Module, x0, steps: int):
     return _forecast_jit(graphdef, state, jnp.asarray(x0, jnp.float32), int(steps))
 
 
-def perturb(x0, std: float, key, members: int | Sequence[int]):
+def perturb(x0, std: float, key, members: int | Sequence[int], basis: SphericalBasis | None = None):
     """Perturbed ICs ``[batch, member, lat, lon, channel]`` from ``x0 [batch, lat, lon, channel]``.
 
-    Member ``m`` is ``x0 + std * N(0, 1)`` (i.i.d. over batch, grid and
-    channel) drawn from ``fold_in(key, m)``: a member's noise depends only on
-    ``(key, m)``, so chunking the ensemble does not change it. ``members``: a
-    count or explicit member indices.
+    Member ``m`` is ``x0 + std * noise`` drawn from ``fold_in(key, m)``: white
+    ``N(0, 1)`` (i.i.d. over batch, grid and channel), or with ``basis``
+    spatially correlated unit-variance fields (:mod:`fcn_jax.inference.perturbations`).
+    A member's noise depends only on ``(key, m)``, so chunking the ensemble does
+    not change it. ``members``: a count or explicit member indices.
     """
     ids = np.arange(members) if np.ndim(members) == 0 else np.asarray(members)
-    return _perturb(jnp.asarray(x0, jnp.float32), jnp.float32(std), key, jnp.asarray(ids, jnp.uint32))
+    return _perturb(jnp.asarray(x0, jnp.float32), jnp.float32(std), key, jnp.asarray(ids, jnp.uint32), basis)
 
 
 @jax.jit
-def _perturb(x0, std, key, ids):
+def _perturb(x0, std, key, ids, basis=None):
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape, jnp.float32))(keys)  # [m, b, ...]
+    noise = jax.vmap(lambda k: perturbations.noise(k, x0.shape, basis))(keys)  # [m, b, ...]
     return jnp.swapaxes(x0[None] + std * noise, 0, 1)  # [b, m, ...]
+
+
+def _bred(graphdef, state, window, std, key, ids, basis, weights):
+    """Bred perturbed ICs ``[1, m, ...]`` from analyses ``window [cycles + 1, lat, lon, ch]`` (normalised, last = t)."""
+    model = nnx.merge(graphdef, state)
+    cycles = window.shape[0] - 1
+    d = std * jnp.swapaxes(_perturb(jnp.zeros_like(window[:1]), 1.0, key, ids, basis), 0, 1)[:, 0]  # [m, ...]
+    for c in range(cycles):  # the perturbation grows along the model's own error directions
+        # the control at the members' batch size: a batch of 1 would not divide over a 'data' axis
+        base = jnp.broadcast_to(window[c][None], d.shape)  # [m, lat, lon, ch]
+        if current_mesh() is not None:
+            base, d = (jax.lax.with_sharding_constraint(v, IMAGE_SPEC) for v in (base, d))
+        grown = model(base + d) - model(base)
+        d = perturbations.rescale(grown, std, weights)
+    return (window[-1][None] + d)[None]  # [1, m, lat, lon, ch]
 
 
 def _ensemble_from(graphdef, state, xp, steps):
@@ -112,11 +131,18 @@ def _ensemble_from(graphdef, state, xp, steps):
     return jnp.swapaxes(out, 1, 2)  # [b, steps+1, m, ...]
 
 
-def _ensemble_chunk(graphdef, state, x0, std, key, ids, steps):
-    return _ensemble_from(graphdef, state, _perturb(x0, std, key, ids), steps)  # perturbed: [b, m, ...]
+def _ensemble_chunk(graphdef, state, x0, std, key, ids, steps, basis=None):
+    return _ensemble_from(graphdef, state, _perturb(x0, std, key, ids, basis), steps)  # perturbed: [b, m, ...]
 
 
 _ensemble_chunk_jit = jax.jit(_ensemble_chunk, static_argnums=(0, 6))
+
+
+def _bred_chunk(graphdef, state, window, std, key, ids, steps, basis, weights):
+    return _ensemble_from(graphdef, state, _bred(graphdef, state, window, std, key, ids, basis, weights), steps)
+
+
+_bred_chunk_jit = jax.jit(_bred_chunk, static_argnums=(0, 6))
 def _ensemble_continue(graphdef, state, ens, steps):
     return _ensemble_from(graphdef, state, ens[:, -1], steps)  # inside jit: also for multi-host arrays
 
@@ -134,15 +160,31 @@ def ensemble_continue(model_split, ens, steps: int):
     return _ensemble_continue_jit(graphdef, state, ens, int(steps))
 
 
-def ensemble_chunk(model_split, x0, std, key, member_ids, steps: int):
+def ensemble_chunk(model_split, x0, std, key, member_ids, steps: int, basis: SphericalBasis | None = None):
     """One compiled ensemble chunk ``[batch, steps+1, len(member_ids), lat, lon, channel]``.
 
     ``model_split``: ``nnx.split(model)`` (split once, reuse for every chunk).
-    Chunks of the same size reuse one executable.
+    Chunks of the same size reuse one executable. ``basis``: spatially
+    correlated noise instead of white (:func:`perturb`).
     """
     graphdef, state = model_split
     return _ensemble_chunk_jit(graphdef, state, jnp.asarray(x0, jnp.float32), jnp.float32(std), key,
-                               jnp.asarray(member_ids, jnp.uint32), int(steps))
+                               jnp.asarray(member_ids, jnp.uint32), int(steps), basis)
+
+
+def bred_chunk(model_split, window, std, key, member_ids, steps: int, basis: SphericalBasis | None, lat):
+    """An ensemble chunk from bred vectors: ``[1, steps+1, len(member_ids), lat, lon, channel]``.
+
+    ``window [cycles + 1, lat, lon, channel]``: normalised analyses every
+    step up to the initial time (the last). Each member's noise (``basis``:
+    spherical, else white) enters ``cycles`` steps early and is grown by the
+    model and scaled back to ``std`` every step (area-weighted by ``cos(lat)``)
+    -- :mod:`fcn_jax.inference.perturbations`.
+    """
+    graphdef, state = model_split
+    weights = jnp.asarray(np.cos(np.deg2rad(np.asarray(lat, np.float64))), jnp.float32)
+    return _bred_chunk_jit(graphdef, state, jnp.asarray(window, jnp.float32), jnp.float32(std), key,
+                           jnp.asarray(member_ids, jnp.uint32), int(steps), basis, weights)
 
 
 def ensemble_rollout(model: nnx.Module, x0, steps: int, members: int, std: float = 0.3, key=None, *,
