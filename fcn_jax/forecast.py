@@ -199,6 +199,8 @@ def run_forecast(model_dir, *, init_times, steps: int, out, store=None, members:
 
     if perturbation not in KINDS:
         raise ForecastError(f"--perturbation must be one of {', '.join(KINDS)}, got {perturbation!r}")
+    if perturbation == "spherical" and not perturbation_scale_km > 0:
+        raise ForecastError(f"--perturbation spherical needs --perturbation-scale-km > 0, got {perturbation_scale_km}")
     if perturbation == "bred" and breeding_cycles < 1:
         raise ForecastError(f"--breeding-cycles must be >= 1, got {breeding_cycles}")
     if lead_chunk is not None and lead_chunk < 0:

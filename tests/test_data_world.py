@@ -161,5 +161,8 @@ def test_twin_refuses_a_world_it_cannot_reproduce(world_store):
     with pytest.raises(DataError, match="is not the stored world"):
         next(twin_forecasts(spec, np.asarray(["2000-01-20T00"], "datetime64[ns]"), 2, ["z500"], truth=wrong,
                             progress=False))
+    with pytest.raises(DataError, match="perturbation must be >= 0 K"):
+        next(twin_forecasts(spec, np.asarray(["2000-01-20T00"], "datetime64[ns]"), 2, ["z500"], perturbation_k=-1,
+                            progress=False))
     with pytest.raises(DataError, match="6-hourly output times"):
         next(twin_forecasts(spec, np.asarray(["1999-01-20T00"], "datetime64[ns]"), 2, ["z500"], progress=False))

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from fcn_jax.config import load_experiment
-from fcn_jax.inference.rollout import _forecast
+from fcn_jax.inference.rollout import rollout_states
 from fcn_jax.parallel.axes import IMAGE_SPEC
 from fcn_jax.parallel.hlo import stablehlo_op_counts
 from fcn_jax.parallel.mesh import make_mesh
@@ -46,8 +46,8 @@ def _programs(cfg, mesh, batch):
     def forward(params, x):  # x: [batch, lat, lon, channel]
         return nnx.merge(graphdef, params)(x)
 
-    def rollout(params, x):
-        return _forecast(graphdef, params, x, 2)
+    def rollout(params, x):  # what forecasts jit: the one rollout's scan over the model
+        return rollout_states(nnx.merge(graphdef, params), x, 2)
 
     return {"train_step": (make_train_step(graphdef, tx), (train_state, window)),
             "forward": (jax.jit(forward), (params, x)),

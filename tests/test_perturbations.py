@@ -110,3 +110,12 @@ def test_forecast_command_takes_a_perturbation(kind, synthetic_store, tmp_path):
         assert forecast.main([str(model_dir), "--store", store, "--init", str(times[0]), "--steps", "2",
                               "--members", "4", "--perturbation", kind, "--mesh", "1,1,1,1",
                               "--out", str(tmp_path / "early.nc")]) == 2
+
+
+def test_bad_perturbation_settings_are_clear_errors():
+    from fcn_jax.errors import InputError
+
+    with pytest.raises(InputError, match="perturbation-scale-km must be > 0"):
+        P.spherical_basis(LAT, LON, 0.0)
+    with pytest.raises(InputError, match="equally spaced longitudes"):
+        P.spherical_basis(LAT, np.r_[0.0, 10.0, 15.0, 40.0], 500.0)

@@ -499,9 +499,11 @@ def twin_forecasts(spec: WorldSpec, init_times, steps: int, channels, *, perturb
     from dinosaur import time_integration
     from tqdm.auto import tqdm
 
-    run_chunk, spin, _, state, chunk_days, lat, lon, (step, inner, batched_diagnose, grid) = _build(spec)
+    run_chunk, spin, diagnose_one, state, chunk_days, lat, lon, (step, inner, batched_diagnose, grid) = _build(spec)
     t0 = np.datetime64(spec.start, "ns")
     idx = np.asarray((np.asarray(init_times, "datetime64[ns]") - t0) // np.timedelta64(6, "h"), np.int64)
+    if perturbation_k < 0:
+        raise DataError(f"twin: the perturbation must be >= 0 K, got {perturbation_k}")
     if np.any(idx < 0) or np.any(idx >= 4 * spec.days) or np.any(
             t0 + idx * np.timedelta64(6, "h") != np.asarray(init_times, "datetime64[ns]")):
         raise DataError(f"twin: initial times must be 6-hourly output times of the world ({spec.start} .. "
@@ -542,7 +544,7 @@ def twin_forecasts(spec: WorldSpec, init_times, steps: int, channels, *, perturb
                 s = advance6h(s)
             if truth is not None:
                 ref = np.asarray(truth(k), np.float32)
-                got = _to_store_layout(jax.tree.map(np.asarray, jax.jit(_diag_one(batched_diagnose))(s)),
+                got = _to_store_layout(jax.tree.map(np.asarray, diagnose_one(s)),
                                        channels, spec.levels)
                 # RMS difference over the grid relative to each channel's spatial std, the worst channel: the
                 # last-bit differences of another compiled path within a 10-day chunk grow to ~1e-4; another
@@ -556,12 +558,6 @@ def twin_forecasts(spec: WorldSpec, init_times, steps: int, channels, *, perturb
                         f"world with this jax (python -m fcn_jax.world --out NEW_DIR) and score against it")
             fields = forecast(perturb(s, jax.random.fold_in(key, int(i))), steps + 1)
             yield int(i), _to_store_layout(jax.tree.map(np.asarray, fields), channels, spec.levels)
-
-
-def _diag_one(batched_diagnose):
-    import jax
-
-    return lambda s: jax.tree.map(lambda x: x[0], batched_diagnose(jax.tree.map(lambda x: x[None], s)))
 
 
 def _to_si_temperature() -> float:

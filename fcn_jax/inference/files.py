@@ -220,9 +220,9 @@ class ForecastWriter:
                 self.partial.mkdir(parents=True)
                 self._check_space(check_space, overwrite)
                 self._create(init_times, n_lead, step_hours, lat, lon, attrs)
-                self._journal = {"key": resume_key, "info": dict(resume_info or {}), "done": []}
-                _write_json_atomic(self.journal_path, self._journal)
             self._journal = {"key": resume_key, "info": dict(resume_info or {}), "done": sorted(self.done)}
+            if self.resumable and not self.done:
+                _write_json_atomic(self.journal_path, self._journal)
         except BaseException as e:
             if not self.done:  # nothing committed yet: no partial output worth keeping
                 shutil.rmtree(self.partial, ignore_errors=True)

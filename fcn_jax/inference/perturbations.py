@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_jax.errors import InputError
+
 __all__ = ["KINDS", "SphericalBasis", "spherical_basis", "noise", "rescale", "EARTH_RADIUS_KM"]
 
 KINDS = ("gaussian", "spherical", "bred")
@@ -76,10 +78,12 @@ def spherical_basis(lat, lon, scale_km: float = 500.0, l_max: int | None = None)
     4 R / scale)``. The angular power is normalised so that the pointwise variance is exactly 1
     (addition theorem: ``sum_l C_l (2 l + 1) / 4 pi = 1``).
     """
+    if not scale_km > 0:
+        raise InputError(f"--perturbation-scale-km must be > 0 for spatially correlated noise, got {scale_km}")
     lat, lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
     if lon.size < 4 or not np.allclose(np.diff(lon), (lon[1] - lon[0])) or \
             not math.isclose((lon[1] - lon[0]) * lon.size, 360.0, rel_tol=1e-6):
-        raise ValueError(f"spherical noise needs equally spaced longitudes around the circle; got {lon.size} "
+        raise InputError(f"spherical noise needs equally spaced longitudes around the circle; got {lon.size} "
                          f"from {lon[0]} step {lon[1] - lon[0]}")
     ratio = EARTH_RADIUS_KM / float(scale_km)
     if l_max is None:
